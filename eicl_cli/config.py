@@ -1,0 +1,527 @@
+"""Typed experiment configuration: TOML in, validated dataclasses out, TOML back.
+
+Every knob of SPEC.md has a field here. A config is loaded once, at the edge
+(the CLI), validated, and then passed around as a frozen tree of dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import EiclError
+
+
+class ConfigError(EiclError):
+    """A config that cannot be used; the message is one line for the user."""
+
+
+# Allowed values, named once so validation, docs and the CLI agree.
+DATASETS = ("omniglot", "synthetic", "symbolic")
+SPLITS = ("train", "test", "all")
+EXEMPLARS = ("all", "single", "separated")
+TRAIN_KINDS = ("bursty", "mixed", "random", "no_support_common", "no_support_rare",
+               "no_support_zipfian", "fewshot_common", "fewshot_rare",
+               "fewshot_zipfian", "fewshot_holdout")
+EVAL_MODES = ("no_support_common", "no_support_rare", "no_support_zipfian",
+              "fewshot_common", "fewshot_rare", "fewshot_zipfian", "fewshot_holdout",
+              "bursty", "mixed")
+NON_BURSTY_TYPES = ("zipfian", "common_uniform", "common_no_support")
+ENCODERS = ("resnet", "linear", "embedding", "conv")
+SEQ_MODELS = ("transformer", "lstm", "vanilla_rnn")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lamb", "lion")
+SCHEDULES = ("rsqrt", "constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+# Omniglot class counts per split, before exemplar and augmentation changes.
+OMNIGLOT_CLASSES = {"train": 964, "test": 659, "all": 1623}
+OMNIGLOT_DRAWERS = 20
+AUGMENT_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "omniglot"  # omniglot | synthetic | symbolic
+    data_dir: str = ""  # "" = $EICL_DATA_DIR, else ~/.cache/eicl
+    split: str = "all"  # train (background) | test (evaluation) | all
+    exemplars: str = "all"  # all | single | separated
+    augment_images: bool = False  # x8 classes: flips x 90-degree rotations
+    n_to_keep: int = 0  # keep only the first n classes; 0 keeps all
+    symbolic_classes: int = 1000  # size of the symbolic (integer) dataset
+    # Filled in by train: which cache file the run read, and its checksum.
+    cache_file: str = ""
+    cache_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class PreprocConfig:
+    downsample: bool = False  # resize 105x105 -> 28x28 before the model
+
+
+@dataclass(frozen=True)
+class ClassesConfig:
+    split_seed: int = 1337
+    n_rare: int = 1603
+    n_common: int = 10
+    n_holdout: int = 10
+    zipf_exponent: float = 0.0
+    use_zipf_for_common_rare: bool = False
+    preserve_ordering_every_n: int = 0  # 0 = permute single classes
+
+
+@dataclass(frozen=True)
+class SequencesConfig:
+    train_kind: str = "bursty"
+    seq_len: int = 9
+    fs_shots: int = 4
+    bursty_shots: int = 3
+    ways: int = 2
+    p_bursty: float = 0.9
+    p_bursty_common: float = 0.0
+    p_bursty_zipfian: float = 1.0
+    p_fewshot: float = 0.1
+    non_bursty_type: str = "zipfian"
+    labeling_common: str = "ordered"
+    labeling_rare: str = "ordered"
+    randomly_generate_rare: bool = False
+    grouped: bool = False
+    all_unique: bool = False
+    noise_scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    emb_dim: int = 64
+    example_encoder: str = "resnet"  # resnet | linear | embedding | conv
+    flatten_superpixels: bool = False
+    example_dropout_prob: float = 0.0
+    concatenate_labels: bool = False
+    use_positional_encodings: bool = True
+    positional_dropout_prob: float = 0.0
+    resnet_blocks_per_group: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    # Channels of all groups but the last, which has emb_dim channels.
+    resnet_channels_per_group: list[int] = field(default_factory=lambda: [16, 32, 32])
+    conv_channels: list[int] = field(default_factory=lambda: [32, 32, 32])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "transformer"  # transformer | lstm | vanilla_rnn
+    dtype: str = "float32"  # bfloat16 = mixed precision (f32 params and loss)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    num_layers: int = 12
+    num_heads: int = 8
+    widening_factor: int = 4
+    dropout_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class RNNConfig:
+    num_layers: int = 12
+    hidden_size: int = 64
+    dropout_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adam"
+    max_lr: float = 3e-4
+    warmup_steps: int = 4000
+    schedule: str = "rsqrt"  # rsqrt (the paper's) | constant | cosine
+    # The original names clip_level 0.25 but never applies it; 0 = no clipping.
+    clip_level: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    w_interim: float = 0.0  # weight on the context images' predictions
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    modes: list[str] = field(
+        default_factory=lambda: ["no_support_zipfian", "fewshot_zipfian", "fewshot_holdout"])
+    sequences: int = 10000  # per mode, for `eicl eval`
+    train_sequences: int = 1000  # per mode, at each evaluation during training
+    batch_size: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 500_000
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 1000
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    out_dir: str = "runs"
+    name: str = ""  # "" = derived from the config file name and the time
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    preproc: PreprocConfig = field(default_factory=PreprocConfig)
+    classes: ClassesConfig = field(default_factory=ClassesConfig)
+    sequences: SequencesConfig = field(default_factory=SequencesConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    rnn: RNNConfig = field(default_factory=RNNConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # Derived quantities: computed, never stored, so they cannot go stale.
+    @property
+    def num_classes(self) -> int:
+        return num_classes(self)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+_SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------- labels
+
+def parse_labeling(name: str) -> tuple[str, int]:
+    """'ordered' -> ('ordered', 0), 'ordered5' -> ('ordered', 5),
+    'ordered_polysemy3' -> ('polysemy', 3), 'original'/'unfixed' -> (name, 0)."""
+    if name in ("ordered", "original", "unfixed"):
+        return name, 0
+    if name.startswith("ordered_polysemy"):
+        tail = name[len("ordered_polysemy"):]
+        if tail.isdigit() and int(tail) >= 1:
+            return "polysemy", int(tail)
+    elif name.startswith("ordered"):
+        tail = name[len("ordered"):]
+        if tail.isdigit():
+            return "ordered", int(tail)
+    raise ConfigError(
+        f"unknown labeling {name!r}; allowed: ordered, orderedK, original, unfixed, "
+        "ordered_polysemyX")
+
+
+def num_classes(cfg: Config) -> int:
+    """The model's output size (SPEC 4)."""
+    c = cfg.classes
+    kind, x = parse_labeling(cfg.sequences.labeling_rare)
+    if kind == "polysemy":
+        return x * c.n_rare + c.n_common
+    n = c.n_rare + c.n_common + c.n_holdout
+    if "original" in (cfg.sequences.labeling_rare, cfg.sequences.labeling_common):
+        n = max(n, available_classes(cfg))
+    offsets = [parse_labeling(l)[1] for l in (cfg.sequences.labeling_rare,
+                                              cfg.sequences.labeling_common)]
+    return n + max(offsets)
+
+
+def available_classes(cfg: Config) -> int:
+    """Classes the configured dataset provides after split, exemplars,
+    augmentation and n_to_keep. Synthetic caches may hold fewer; the loader
+    checks those against the cache."""
+    d = cfg.data
+    if d.dataset == "symbolic":
+        n = d.symbolic_classes
+    else:
+        n = OMNIGLOT_CLASSES[d.split]
+        if d.exemplars == "separated":
+            n *= OMNIGLOT_DRAWERS
+        if d.augment_images:
+            n *= AUGMENT_FACTOR
+    if d.n_to_keep:
+        n = min(n, d.n_to_keep)
+    return n
+
+
+# ---------------------------------------------------------------- loading
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file, resolving its `base` chain (relative to the file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"TOML syntax error in {path}: {e}") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file path string, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base file not found: {base_path}")
+    return _merge(_read_toml(base_path, seen + (path.resolve(),)), raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'section.key=value' with value a TOML literal; a bare word is a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"--set {item!r}: key must be section.key, e.g. sequences.p_bursty")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, value = parse_override(item)
+        section, name = key.split(".")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"--set {item!r}: {section!r} is not a section")
+        out[section][name] = value
+    return out
+
+
+def _coerce(where: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(f"{where}[{i}]", v, inner) for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ!r}")  # a bug in this file
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a plain dict (parsed TOML)."""
+    raw = dict(raw)
+    raw.pop("base", None)
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"unknown config section {name!r}" + _suggest(name, list(_SECTION_TYPES)))
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table of keys, got {value!r}")
+        cls = _SECTION_TYPES[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key {name}.{key}" + _suggest(key, list(hints)))
+            kwargs[key] = _coerce(f"{name}.{key}", v, hints[key])
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (with its base chain) and apply --set overrides."""
+    raw = _read_toml(Path(path))
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def from_toml(text: str) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"TOML syntax error: {e}") from None
+    return from_dict(raw)
+
+
+def data_dir(cfg: Config | None = None, explicit: str | None = None) -> Path:
+    """--data-dir, else data.data_dir, else $EICL_DATA_DIR, else ~/.cache/eicl."""
+    for candidate in (explicit, cfg.data.data_dir if cfg else None, os.environ.get("EICL_DATA_DIR")):
+        if candidate:
+            return Path(candidate).expanduser()
+    return Path("~/.cache/eicl").expanduser()
+
+
+# ---------------------------------------------------------------- validation
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _prob(where: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where} = {value} must be a probability in [0, 1]")
+
+
+def _at_least(where: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{where} = {value} must be >= {low}")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse configs that cannot run; each message names the value and what is allowed."""
+    d, c, s, e = cfg.data, cfg.classes, cfg.sequences, cfg.embedding
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.split", d.split, SPLITS)
+    _choice("data.exemplars", d.exemplars, EXEMPLARS)
+    _at_least("data.n_to_keep", d.n_to_keep, 0)
+    _at_least("data.symbolic_classes", d.symbolic_classes, 1)
+
+    for name in ("n_rare", "n_common", "n_holdout", "preserve_ordering_every_n"):
+        _at_least(f"classes.{name}", getattr(c, name), 0)
+    _at_least("classes.zipf_exponent", c.zipf_exponent, 0.0)
+    needed = c.n_rare + c.n_common + c.n_holdout
+    have = available_classes(cfg)
+    if needed > have:
+        raise ConfigError(
+            f"classes.n_rare + n_common + n_holdout = {needed} exceeds the {have} classes "
+            f"that data.dataset={d.dataset!r} (split {d.split!r}, exemplars {d.exemplars!r}, "
+            f"augment_images={d.augment_images}) provides")
+    g = c.preserve_ordering_every_n
+    if g > 1 and have % g:
+        raise ConfigError(
+            f"classes.preserve_ordering_every_n = {g} must divide the {have} available classes")
+
+    _choice("sequences.train_kind", s.train_kind, TRAIN_KINDS)
+    _choice("sequences.non_bursty_type", s.non_bursty_type, NON_BURSTY_TYPES)
+    for name in ("p_bursty", "p_bursty_common", "p_bursty_zipfian", "p_fewshot"):
+        _prob(f"sequences.{name}", getattr(s, name))
+    if s.p_bursty_common + s.p_bursty_zipfian > 1.0 + 1e-9:
+        raise ConfigError(
+            f"sequences.p_bursty_common + p_bursty_zipfian = "
+            f"{s.p_bursty_common + s.p_bursty_zipfian} must be <= 1")
+    for name in ("seq_len", "fs_shots", "bursty_shots", "ways"):
+        _at_least(f"sequences.{name}", getattr(s, name), 1)
+    _at_least("sequences.noise_scale", s.noise_scale, 0.0)
+    if s.train_kind == "bursty" and s.seq_len < s.bursty_shots * s.ways + 1:
+        raise ConfigError(
+            f"sequences.seq_len = {s.seq_len} is too short for bursty_shots x ways = "
+            f"{s.bursty_shots} x {s.ways}; it must be >= {s.bursty_shots * s.ways + 1}")
+    for name in ("labeling_common", "labeling_rare"):
+        parse_labeling(getattr(s, name))
+    if parse_labeling(s.labeling_common)[0] == "polysemy":
+        raise ConfigError("sequences.labeling_common cannot be ordered_polysemyX; "
+                          "polysemy applies to rare classes only")
+
+    _choice("embedding.example_encoder", e.example_encoder, ENCODERS)
+    if e.emb_dim < 2 or e.emb_dim % 2:
+        raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be even and >= 2 "
+                          "(sinusoidal positional encodings pair sines and cosines)")
+    _prob("embedding.example_dropout_prob", e.example_dropout_prob)
+    _prob("embedding.positional_dropout_prob", e.positional_dropout_prob)
+    if len(e.resnet_channels_per_group) != len(e.resnet_blocks_per_group) - 1:
+        raise ConfigError(
+            f"embedding.resnet_channels_per_group has {len(e.resnet_channels_per_group)} entries; "
+            f"it needs one fewer than resnet_blocks_per_group "
+            f"({len(e.resnet_blocks_per_group)}), the last group having emb_dim channels")
+    if any(v < 1 for v in e.resnet_blocks_per_group + e.resnet_channels_per_group + e.conv_channels):
+        raise ConfigError("embedding resnet/conv block and channel counts must be >= 1")
+    if (e.example_encoder == "embedding") != (d.dataset == "symbolic"):
+        raise ConfigError(
+            f"embedding.example_encoder = {e.example_encoder!r} does not fit data.dataset = "
+            f"{d.dataset!r}; symbolic data needs 'embedding', images need resnet, linear or conv")
+
+    _choice("model.kind", cfg.model.kind, SEQ_MODELS)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    t = cfg.transformer
+    _at_least("transformer.num_layers", t.num_layers, 1)
+    _at_least("transformer.num_heads", t.num_heads, 1)
+    _at_least("transformer.widening_factor", t.widening_factor, 1)
+    _prob("transformer.dropout_prob", t.dropout_prob)
+    if e.emb_dim % t.num_heads:
+        raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be divisible by "
+                          f"transformer.num_heads = {t.num_heads}")
+    _at_least("rnn.num_layers", cfg.rnn.num_layers, 1)
+    _at_least("rnn.hidden_size", cfg.rnn.hidden_size, 1)
+    _prob("rnn.dropout_prob", cfg.rnn.dropout_prob)
+
+    o = cfg.optimizer
+    _choice("optimizer.name", o.name, OPTIMIZERS)
+    _choice("optimizer.schedule", o.schedule, SCHEDULES)
+    if o.max_lr <= 0:
+        raise ConfigError(f"optimizer.max_lr = {o.max_lr} must be > 0")
+    _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
+    _at_least("optimizer.clip_level", o.clip_level, 0.0)
+    _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
+
+    _at_least("train.batch_size", cfg.train.batch_size, 1)
+    _prob("train.w_interim", cfg.train.w_interim)
+
+    if not cfg.eval.modes:
+        raise ConfigError(f"eval.modes is empty; choose from: {', '.join(EVAL_MODES)}")
+    for m in cfg.eval.modes:
+        _choice("eval.modes entry", m, EVAL_MODES)
+    for name in ("sequences", "train_sequences", "batch_size"):
+        _at_least(f"eval.{name}", getattr(cfg.eval, name), 1)
+
+    r = cfg.run
+    _at_least("run.steps", r.steps, 0)
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _at_least(f"run.{name}", getattr(r, name), 1)
+
+
+def field_docs() -> list[tuple[str, str, Any]]:
+    """(section.key, type, default) for every key: used by docs tests."""
+    rows = []
+    for sname, scls in _SECTION_TYPES.items():
+        hints = typing.get_type_hints(scls)
+        inst = scls()
+        for f in dataclasses.fields(scls):
+            typ = hints[f.name]
+            tname = typ.__name__ if isinstance(typ, type) else str(typ)
+            rows.append((f"{sname}.{f.name}", tname, getattr(inst, f.name)))
+    return rows
