@@ -235,7 +235,7 @@ def num_classes(cfg: Config) -> int:
 
 def available_classes(cfg: Config) -> int:
     """Classes the configured dataset provides after split, exemplars,
-    augmentation and n_to_keep. Synthetic caches may hold fewer; the loader
+    n_to_keep and augmentation (in that order). Synthetic caches may hold fewer; the loader
     checks those against the cache."""
     d = cfg.data
     if d.dataset == "symbolic":
@@ -244,10 +244,11 @@ def available_classes(cfg: Config) -> int:
         n = OMNIGLOT_CLASSES[d.split]
         if d.exemplars == "separated":
             n *= OMNIGLOT_DRAWERS
-        if d.augment_images:
-            n *= AUGMENT_FACTOR
+    # As in the original: keep the first n classes, then augment.
     if d.n_to_keep:
         n = min(n, d.n_to_keep)
+    if d.augment_images and d.dataset != "symbolic":
+        n *= AUGMENT_FACTOR
     return n
 
 

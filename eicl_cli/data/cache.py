@@ -1,0 +1,178 @@
+"""The one-file safetensors cache of a whole image set (Omniglot or synthetic).
+
+Layout (format version 1):
+  tensors  images          (N, ceil(H*W/8)) uint8   np.packbits of each flattened
+                                                    image, 1 bit = white background
+           image_class     (N,) int32               character id (Omniglot: IIII - 1)
+           image_drawer    (N,) int8                drawer 1..20
+           image_alphabet  (N,) int16               index into alphabet_names
+           image_background (N,) uint8              1 = background set, 0 = evaluation
+  metadata format_version, kind, synthetic, height, width, source, source_sha256,
+           alphabet_names (JSON list), character_names (JSON list by class id),
+           created (UTC ISO time), n_images, n_classes, n_alphabets,
+           n_background_classes, n_evaluation_classes
+Rows are sorted by (class id, drawer). The file is written to a temporary
+name in the same folder and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from ..errors import EiclError
+
+FORMAT_VERSION = "1"
+CACHE_NAMES = {"omniglot": "omniglot.safetensors", "synthetic": "synthetic.safetensors"}
+
+
+@dataclass(frozen=True)
+class RawSet:
+    """A whole image set as decoded from its source, before split and exemplars."""
+
+    images: np.ndarray  # (N, H, W) uint8 in {0, 1}, 1 = white background
+    image_class: np.ndarray  # (N,) int32
+    image_drawer: np.ndarray  # (N,) int8
+    image_alphabet: np.ndarray  # (N,) int16
+    image_background: np.ndarray  # (N,) bool
+    alphabet_names: list[str]
+    character_names: list[str]  # by class id
+    kind: str = "omniglot"  # omniglot | synthetic
+    source: str = ""  # what it was built from, for the user
+    source_sha256: str = ""  # identity of the source; equal means "nothing to do"
+    meta: dict[str, str] = field(default_factory=dict)  # as read back from a cache
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.character_names)
+
+
+def cache_path(data_dir: Path, kind: str) -> Path:
+    return Path(data_dir) / CACHE_NAMES[kind]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check(raw: RawSet) -> None:
+    n = len(raw.images)
+    if raw.images.ndim != 3 or raw.images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, H, W) uint8, got {raw.images.shape} {raw.images.dtype}")
+    for name in ("image_class", "image_drawer", "image_alphabet", "image_background"):
+        if len(getattr(raw, name)) != n:
+            raise ValueError(f"{name} has {len(getattr(raw, name))} entries for {n} images")
+
+
+def write_cache(raw: RawSet, path: Path) -> str:
+    """Write `raw` to `path` atomically; returns the file's sha256."""
+    _check(raw)
+    order = np.lexsort((raw.image_drawer, raw.image_class))
+    n, h, w = raw.images.shape
+    packed = np.packbits(raw.images[order].reshape(n, h * w).astype(bool), axis=1)
+    tensors = {
+        "images": packed,
+        "image_class": raw.image_class[order].astype(np.int32),
+        "image_drawer": raw.image_drawer[order].astype(np.int8),
+        "image_alphabet": raw.image_alphabet[order].astype(np.int16),
+        "image_background": raw.image_background[order].astype(np.uint8),
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": raw.kind,
+        "synthetic": "true" if raw.kind != "omniglot" else "false",
+        "height": str(h),
+        "width": str(w),
+        "source": raw.source,
+        "source_sha256": raw.source_sha256,
+        "alphabet_names": json.dumps(raw.alphabet_names),
+        "character_names": json.dumps(raw.character_names),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Counts, so a summary needs only the header.
+        "n_images": str(n),
+        "n_classes": str(len(raw.character_names)),
+        "n_alphabets": str(len(raw.alphabet_names)),
+        "n_background_classes": str(np.unique(raw.image_class[raw.image_background]).size),
+        "n_evaluation_classes": str(np.unique(raw.image_class[~raw.image_background]).size),
+    }
+    data = st_save(tensors, metadata=meta)
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Only the header's metadata (cheap): used to decide whether to rebuild."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 28:
+                raise ValueError("bad header size")
+            header = json.loads(f.read(size))
+        return dict(header.get("__metadata__", {}))
+    except (OSError, ValueError) as e:
+        raise EiclError(f"cannot read cache {path}: {e}; rebuild it with `eicl prepare-data --force`") from None
+
+
+def read_cache(path: Path) -> tuple[RawSet, str]:
+    """Read a cache file; returns the set and the file's sha256."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EiclError(f"dataset cache not found: {path}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        t = st_load(data)
+        meta = read_metadata(path)
+    except EiclError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise EiclError(f"cache {path} is corrupt ({e}); rebuild it with `eicl prepare-data --force`") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EiclError(f"cache {path} has format version {meta.get('format_version')!r}, "
+                        f"this eicl reads {FORMAT_VERSION!r}; rebuild it with `eicl prepare-data --force`")
+    h, w = int(meta["height"]), int(meta["width"])
+    n = t["images"].shape[0]
+    images = np.unpackbits(t["images"], axis=1, count=h * w).reshape(n, h, w)
+    raw = RawSet(
+        images=images,
+        image_class=t["image_class"],
+        image_drawer=t["image_drawer"],
+        image_alphabet=t["image_alphabet"],
+        image_background=t["image_background"].astype(bool),
+        alphabet_names=json.loads(meta["alphabet_names"]),
+        character_names=json.loads(meta["character_names"]),
+        kind=meta["kind"],
+        source=meta.get("source", ""),
+        source_sha256=meta.get("source_sha256", ""),
+        meta=meta,
+    )
+    return raw, digest

@@ -1,0 +1,165 @@
+"""The typed config: every shipped file loads and round-trips; bad configs are
+refused with one line naming the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eicl_cli import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_round_trips(path: Path) -> None:
+    cfg = C.load(path)
+    text = C.to_toml(cfg)
+    again = C.from_toml(text)
+    assert again == cfg
+    assert C.to_toml(again) == text
+
+
+def test_paper_values() -> None:
+    cfg = C.load(ROOT / "configs/images_all_exemplars.toml")
+    assert (cfg.classes.n_rare, cfg.classes.n_common, cfg.classes.n_holdout) == (1603, 10, 10)
+    assert cfg.classes.split_seed == 1337
+    assert cfg.num_classes == 1623
+    assert cfg.sequences.seq_len == 9 and cfg.sequences.bursty_shots == 3 and cfg.sequences.ways == 2
+    assert cfg.eval.modes == ["no_support_zipfian", "fewshot_zipfian", "fewshot_holdout"]
+    aug = C.load(ROOT / "configs/images_augmented.toml")
+    assert aug.data.augment_images and aug.classes.preserve_ordering_every_n == 8
+    assert (aug.classes.n_rare, aug.classes.n_common, aug.classes.n_holdout) == (12700, 100, 80)
+    assert aug.sequences.p_bursty == 0.9  # inherited from the base file
+    ident = C.load(ROOT / "configs/images_identical.toml")
+    assert ident.data.exemplars == "single"
+
+
+def test_num_classes_labelings() -> None:
+    cfg = C.load(ROOT / "configs/images_all_exemplars.toml",
+                 ["sequences.labeling_rare='ordered_polysemy3'"])
+    assert cfg.num_classes == 3 * 1603 + 10
+    cfg = C.load(ROOT / "configs/images_all_exemplars.toml", ["sequences.labeling_common='ordered5'"])
+    assert cfg.num_classes == 1623 + 5
+
+
+def test_overrides_are_toml_literals() -> None:
+    cfg = C.load(ROOT / "configs/images_all_exemplars.toml", [
+        "sequences.p_bursty=0.5", "data.dataset=synthetic", "eval.modes=['fewshot_holdout']",
+        "run.steps=10", "model.kind=\"lstm\""])
+    assert cfg.sequences.p_bursty == 0.5
+    assert cfg.data.dataset == "synthetic"
+    assert cfg.eval.modes == ["fewshot_holdout"]
+    assert cfg.run.steps == 10 and cfg.model.kind == "lstm"
+
+
+def test_base_chain_resolves_relative_to_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.toml").write_text("[sequences]\np_bursty = 0.25\n")
+    (tmp_path / "sub/b.toml").write_text('base = "../a.toml"\n[run]\nsteps = 7\n')
+    cfg = C.load(tmp_path / "sub/b.toml")
+    assert cfg.sequences.p_bursty == 0.25 and cfg.run.steps == 7
+
+
+def test_base_loop_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(C.ConfigError, match="loops"):
+        C.load(tmp_path / "a.toml")
+
+
+BAD = {
+    "misspelt_key": ("[sequences]\np_burst = 0.5\n", "unknown key sequences.p_burst; did you mean 'p_bursty'"),
+    "misspelt_section": ("[sequencs]\np_bursty = 0.5\n", "did you mean 'sequences'"),
+    "probability": ("[sequences]\np_bursty = 1.5\n", "sequences.p_bursty = 1.5 must be a probability in [0, 1]"),
+    "prob_sum": ("[sequences]\np_bursty_common = 0.6\np_bursty_zipfian = 0.6\n", "must be <= 1"),
+    "seq_len": ("[sequences]\nseq_len = 3\nbursty_shots = 3\nways = 2\n", "sequences.seq_len = 3 is too short"),
+    "wrong_type": ("[run]\nsteps = \"many\"\n", "run.steps must be an integer"),
+    "heads": ("[transformer]\nnum_heads = 5\n", "must be divisible by transformer.num_heads = 5"),
+    "odd_emb": ("[embedding]\nemb_dim = 63\n[transformer]\nnum_heads = 1\n", "emb_dim = 63 must be even"),
+    "model": ("[model]\nkind = \"gru\"\n", "model.kind = 'gru' is not allowed; choose one of: transformer, lstm, vanilla_rnn"),
+    "encoder": ("[embedding]\nexample_encoder = \"vit\"\n", "embedding.example_encoder = 'vit' is not allowed"),
+    "labeling": ("[sequences]\nlabeling_rare = \"sorted\"\n", "unknown labeling 'sorted'"),
+    "train_kind": ("[sequences]\ntrain_kind = \"bursti\"\n", "sequences.train_kind = 'bursti' is not allowed"),
+    "too_many_classes": ("[classes]\nn_rare = 1700\n", "exceeds the 1623 classes"),
+    "eval_mode": ("[eval]\nmodes = [\"fewshot_holdouts\"]\n", "eval.modes entry = 'fewshot_holdouts' is not allowed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_config_refused(tmp_path: Path, name: str) -> None:
+    text, message = BAD[name]
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    with pytest.raises(C.ConfigError) as info:
+        C.load(path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_base_and_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('base = "nowhere.toml"\n')
+    with pytest.raises(C.ConfigError, match="base file not found: .*nowhere.toml"):
+        C.load(path)
+    path.write_text("[run]\nsteps = 10\nseed = = 3\n")
+    with pytest.raises(C.ConfigError, match="line 3"):
+        C.load(path)
+
+
+def test_bad_override_refused() -> None:
+    with pytest.raises(C.ConfigError, match="unknown key run.step; did you mean 'steps'"):
+        C.load(ROOT / "configs/images_all_exemplars.toml", ["run.step=3"])
+    with pytest.raises(C.ConfigError, match="section.key=value"):
+        C.load(ROOT / "configs/images_all_exemplars.toml", ["run.steps"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eicl_cli.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_lists_subcommands() -> None:
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in ("prepare-data", "train", "eval", "sweep", "report"):
+        assert name in out.stdout
+
+
+def test_cli_print_config_is_resolved_toml() -> None:
+    out = run_cli("train", "--config", "configs/images_augmented.toml", "--print-config",
+                  "--set", "run.steps=5")
+    assert out.returncode == 0, out.stderr
+    cfg = C.from_toml(out.stdout)
+    assert cfg.run.steps == 5 and cfg.data.augment_images and cfg.sequences.seq_len == 9
+
+
+@pytest.mark.parametrize("case", [
+    ("misspelt_key", "p_burst"), ("probability", "1.5"), ("seq_len", "seq_len = 3")])
+def test_cli_bad_config_one_line_exit_2(tmp_path: Path, case: tuple[str, str]) -> None:
+    name, needle = case
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD[name][0])
+    out = run_cli("train", "--config", str(path), "--print-config")
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_syntax_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[run]\nsteps = 10\nseed = = 3\n")
+    out = run_cli("train", "--config", str(path), "--print-config")
+    assert out.returncode == 2 and "line 3" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_every_key_documented_in_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, _, _ in C.field_docs() if f"`{key}`" not in readme]
+    assert not missing, f"README config reference lacks: {missing}"
