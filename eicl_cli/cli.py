@@ -48,37 +48,284 @@ def not_built(name: str) -> None:
 
 @app.command("prepare-data")
 @user_errors
-def prepare_data() -> None:
+def prepare_data(
+    source: Annotated[Optional[str], typer.Option(
+        "--source", help="Where Omniglot comes from: omitted = download the official zips "
+        "(checked against their sha256); a path (the two zips, a folder holding them, or the "
+        "extracted images_background/ and images_evaluation/ folders); 'tfds'; or 'synthetic' "
+        "(procedurally drawn glyphs, marked synthetic).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="Cache folder; default $EICL_DATA_DIR, else ~/.cache/eicl.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cache is up to date.")] = False,
+    classes: Annotated[Optional[int], typer.Option(
+        "--classes", help="Synthetic only: number of classes (default 1623, as Omniglot).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Synthetic only: drawing seed.")] = 0,
+    url_background: Annotated[Optional[str], typer.Option(
+        "--url-background", envvar="EICL_OMNIGLOT_URL_BACKGROUND",
+        help="Download URL of images_background.zip (mirror); its sha256 must still be the official one.")] = None,
+    url_evaluation: Annotated[Optional[str], typer.Option(
+        "--url-evaluation", envvar="EICL_OMNIGLOT_URL_EVALUATION",
+        help="Download URL of images_evaluation.zip (mirror); its sha256 must still be the official one.")] = None,
+) -> None:
     """Download or import Omniglot (or draw a synthetic set) and cache it once."""
-    not_built("prepare-data")
+    from . import display
+    from .config import data_dir as resolve_data_dir
+    from .prepare import prepare_data as run_prepare
+
+    if seed != 0 and source != "synthetic":
+        raise EiclError(f"--seed {seed} only applies to --source synthetic")
+    with display.PrepareProgress() as progress:
+        result = run_prepare(
+            source, resolve_data_dir(None, str(data_dir) if data_dir else None), force=force,
+            classes=classes, seed=seed, progress=progress,
+            urls={"images_background.zip": url_background, "images_evaluation.zip": url_evaluation})
+    display.print_prepare_summary(result)
 
 
 @app.command()
 @user_errors
-def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Train a model on bursty sequences; stream accuracy per eval mode."""
-    not_built("train")
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run folder (default: <run.out_dir>/<config name>-<time>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue this run folder from its newest intact checkpoint.")] = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print the resolved config (as the run will save it) and exit.")] = False,
+    print_model: Annotated[bool, typer.Option(
+        "--print-model", help="Print the model's parameter counts per module and exit.")] = False,
+) -> None:
+    """Train a model on bursty sequences; stream accuracy per eval mode.
+    Ctrl+C saves a checkpoint; continue with --resume RUN."""
+    from . import config as config_mod, display, runs
+    from . import train as train_mod
+    if resume is not None:
+        if config is not None or out is not None:
+            raise EiclError("--resume continues a run with its own config and folder; "
+                            "drop --config/--out (change keys with --set)")
+        if not runs.is_run_dir(resume):
+            raise EiclError(f"--resume {resume}: not a run folder (no {runs.CONFIG_FILE})")
+        cfg = config_mod.load(resume / runs.CONFIG_FILE, set_ or [])
+    elif config is not None:
+        cfg = config_mod.load(config, set_ or [])
+    else:
+        cfg = config_mod.from_dict(config_mod.apply_overrides({}, set_ or []))
+    if print_config:
+        display.print_json(config_mod.to_toml(train_mod.resolved_config(cfg)).rstrip("\n"))
+        return
+    if print_model:
+        from .data.dataset import load_dataset
+        from .model import build_model, parameter_counts
+        import jax
+        dataset = load_dataset(cfg)
+        model, _ = build_model(cfg, jax.random.key(cfg.run.seed), tuple(dataset.images.shape[1:]))
+        display.print_model_table(parameter_counts(model),
+                                  title=f"{cfg.model.kind} ({cfg.embedding.example_encoder} "
+                                        f"encoder), {cfg.num_classes} classes")
+        return
+    from .data.dataset import load_dataset
+    train_mod.enable_compile_cache(cfg)
+    dataset = load_dataset(cfg)  # before making a folder, so a missing cache leaves none
+    if resume is not None:
+        run_dir = resume
+    else:
+        cfg = train_mod.with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)
+        run_dir = runs.new_run_dir(cfg, config, out)
+        runs.write_config(run_dir, cfg)
+        display.info(f"run folder: {run_dir}")
+    try:
+        outcome = train_mod.train(cfg, run_dir, resume=resume is not None, dataset=dataset)
+    except KeyboardInterrupt:  # a second Ctrl+C: quit at once, no checkpoint
+        display.warn(f"stopped without saving; resume with: eicl train --resume {run_dir}")
+        raise typer.Exit(130)
+    if outcome.status == "interrupted":
+        display.info(f"interrupted at step {outcome.step}; resume with: "
+                     f"eicl train --resume {run_dir}")
+        raise typer.Exit(130)
+    if outcome.status == "already_done":
+        display.info(f"{run_dir} is already at step {outcome.step} (run.steps = "
+                     f"{cfg.run.steps}); continue it with --set run.steps=N")
+        return
+    display.info(f"finished {outcome.step} steps; checkpoints in {runs.checkpoint_dir(run_dir)}")
 
 
 @app.command("eval")
 @user_errors
-def eval_() -> None:
+def eval_(
+    target: Annotated[Path, typer.Argument(help="A run folder (newest checkpoint) or a checkpoint file.")],
+    mode: Annotated[Optional[list[str]], typer.Option(
+        "--mode", "-m", help="Eval mode; repeatable (default: the config's eval.modes).")] = None,
+    sequences: Annotated[Optional[int], typer.Option(
+        "--sequences", "-n", help="Sequences per mode (default: eval.sequences, 10000).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Sequences per device batch (default: eval.batch_size); "
+                             "the numbers do not depend on it.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
     """Evaluate a run or checkpoint on fixed, seeded sequences per mode."""
-    not_built("eval")
+    import json
+    import time
+    from . import display, evaluate
+    if mode:
+        evaluate.check_modes(mode)
+    if sequences is not None and sequences < 1:
+        raise EiclError(f"--sequences {sequences}: must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise EiclError(f"--batch-size {batch_size}: must be at least 1")
+    restored, data, generator = evaluate.restore_for_eval(target)
+    cfg = restored.cfg
+    modes = list(mode) if mode else list(cfg.eval.modes)
+    n = sequences or cfg.eval.sequences
+    started = time.perf_counter()
+    results = evaluate.evaluate_modes(restored.model, restored.state, data, generator, modes, n,
+                                      batch_size or cfg.eval.batch_size, cfg.eval.seed)
+    took = time.perf_counter() - started
+    rows = evaluate.table_rows(cfg, results)
+    if json_:
+        display.print_json(json.dumps({
+            "checkpoint": str(restored.path), "step": restored.step,
+            "sequences_per_mode": n, "eval_seed": cfg.eval.seed,
+            "seconds": round(took, 3),
+            "modes": {r["mode"]: {"role": r["role"], "ceiling": r["ceiling"], **r["metrics"],
+                                  "sequences": r["sequences"]} for r in rows},
+        }, indent=2))
+        return
+    display.print_eval_results(rows, title=f"{restored.path} (step {restored.step})")
+    display.info(f"evaluated {len(modes) * n} sequences in {took:.1f} s "
+                 f"({len(modes) * n / max(took, 1e-9):.0f} sequences/s)")
 
 
 @app.command()
 @user_errors
-def sweep() -> None:
-    """Run a grid of configs (a paper figure), resumably."""
-    not_built("sweep")
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML file: base config, seeds, and set / grid / zip tables.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Sweep folder (default: <run.out_dir>/sweeps/<file stem>).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at the same time.")] = 1,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the runs and their state; run nothing, write nothing.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run a grid of configs (a paper figure), resumably: finished runs are
+    skipped, interrupted ones resumed, failed ones retried."""
+    from . import display, sweep as sweep_mod
+    spec, sweep_runs, folder = sweep_mod.prepare(sweep_file, out, set_ or [])
+    if jobs < 1:
+        raise EiclError(f"--jobs {jobs}: must be at least 1")
+    keys = sweep_mod.swept_keys(spec)
+    title = f"{spec.path.name}: {len(sweep_runs)} runs in {folder}"
+    if spec.description:
+        title += f" — {spec.description}"
+    if dry_run:
+        display.print_sweep_table(sweep_mod.dry_run_statuses(folder, spec, sweep_runs), keys,
+                                  "dry run: " + title)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_mod.write_manifest(folder, spec, sweep_runs)
+    manifest = sweep_mod.read_manifest(folder)
+    with display.SweepDisplay(keys, title) as live:
+        result = sweep_mod.run_sweep(folder, manifest, jobs, on_change=live.update)
+    if not live.live:
+        display.print_sweep_table(result.statuses, keys, title)
+    failed = [s.name for s in result.statuses if s.state == "failed"]
+    if result.interrupted:
+        display.info(f"stopped; run `eicl sweep {sweep_file}"
+                     + (f" --out {out}" if out else "") + "` again to continue")
+        raise typer.Exit(130)
+    if failed:
+        fail(f"{len(failed)} run(s) failed, e.g. {failed[0]}: see {folder}/logs/{failed[0]}.log",
+             code=1)
 
 
 @app.command()
 @user_errors
-def report() -> None:
-    """Tables and plots of IWL vs ICL for runs and sweeps."""
-    not_built("report")
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="Run folders and/or sweep folders.")],
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Write ICL and IWL learning curves to this PNG file.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print CSV instead of the table.")] = False,
+    closed: Annotated[bool, typer.Option(
+        "--closed", help="Headline accuracy_closed (ways labels) instead of the strict "
+                         "accuracy_query in the table and plot.")] = False,
+) -> None:
+    """Tables and plots of IWL vs ICL for runs and sweeps (one row per run or
+    sweep point; mean and std over seeds)."""
+    from . import display, report as report_mod
+    if json_ and csv_:
+        raise EiclError("--json and --csv: choose one output format")
+    rows, keys = report_mod.collect(paths)
+    metric = "accuracy_closed" if closed else "accuracy_query"
+    if plot is not None:
+        from . import plots
+        plots.plot_curves(rows, keys, plot, metric=metric, title=report_mod.title(paths))
+    if json_:
+        display.print_json(report_mod.to_json(rows, keys))
+    elif csv_:
+        display.print_json(report_mod.to_csv(rows, keys).rstrip("\n"))
+    else:
+        headers, cells, notes = report_mod.table(rows, keys, metric)
+        display.print_report_table(headers, cells, notes, title=report_mod.title(paths))
+        if plot is not None:
+            display.info(f"plot written to {plot}")
+
+
+@app.command()
+@user_errors
+def sample(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    mode: Annotated[Optional[str], typer.Option(
+        "--mode", "-m", help="Sequence kind: bursty, mixed, random, no_support_*, fewshot_* "
+                             "(default: sequences.train_kind).")] = None,
+    n: Annotated[int, typer.Option("-n", "--num", help="Number of sequences.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample stream.")] = 0,
+    step: Annotated[Optional[int], typer.Option(
+        "--step", help="Show the first N sequences of this training step's batch "
+                       "(exactly what `eicl train` feeds the model) instead.")] = None,
+    json_: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object per sequence instead of tables.")] = False,
+    png: Annotated[Optional[Path], typer.Option(
+        "--png", help="Also draw the sequences as an image grid to this PNG file.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="Where the prepared cache lives (default: data.data_dir, "
+                           "$EICL_DATA_DIR, ~/.cache/eicl).")] = None,
+) -> None:
+    """Show the sequences the generator makes: classes, drawings and labels."""
+    import json
+
+    from . import config as config_mod, display
+    from .data.dataset import load_dataset
+    from .data.sequences import KINDS, SequenceGenerator, batch_records
+    cfg = (config_mod.load(config, set_ or []) if config is not None
+           else config_mod.from_dict(config_mod.apply_overrides({}, set_ or [])))
+    if n < 1:
+        raise EiclError(f"-n {n}: must be at least 1")
+    if step is not None and step < 0:
+        raise EiclError(f"--step {step}: must be >= 0")
+    mode = mode or cfg.sequences.train_kind
+    if mode not in KINDS:
+        raise EiclError(f"--mode {mode!r} is not a sequence kind; choose one of: {', '.join(KINDS)}")
+    if step is not None and mode != cfg.sequences.train_kind:
+        raise EiclError(f"--step shows training batches, which are {cfg.sequences.train_kind!r}; "
+                        f"drop --mode {mode} or set sequences.train_kind")
+    dataset = load_dataset(cfg, data_dir)
+    gen = SequenceGenerator(dataset, cfg)
+    if step is not None:
+        batch = gen.train_batch(step, batch_size=max(n, cfg.train.batch_size)).take(slice(0, n))
+    else:
+        batch = gen.sample_batch(mode, n, seed)
+    records = batch_records(batch, dataset)
+    if png is not None:
+        from .sample_png import write_png
+        write_png(png, batch, dataset, cfg, seed)
+    if json_:
+        display.print_json("\n".join(json.dumps(r) for r in records))
+    else:
+        display.print_sample(records, mode)
+        if png is not None:
+            display.info(f"image grid written to {png}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m eicl_cli`

@@ -1,0 +1,383 @@
+"""All Rich output of eicl."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+# One console for stdout and one for stderr, shared by every printer below.
+console = Console()
+err_console = Console(stderr=True)
+
+
+def is_terminal() -> bool:
+    """True when stdout is an interactive terminal (live bars); else plain lines."""
+    return sys.stdout.isatty()
+
+
+# ---------------------------------------------------------------- train / eval (train.py, evaluate.py)
+
+def warn(message: str) -> None:
+    err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def info(message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class TrainDisplay:
+    """Live progress of a training run: a Rich bar on a terminal, plain lines elsewhere.
+
+    Use as a context manager; `log` at every logging interval, `eval_table`
+    at every evaluation, `print` for anything else (it keeps the bar intact)."""
+
+    def __init__(self, total_steps: int, start_step: int, live: bool | None = None) -> None:
+        self.total = total_steps
+        self.start = start_step
+        self.live = is_terminal() if live is None else live
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "TrainDisplay":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+            self._progress = Progress(
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=20),
+                TextColumn("{task.fields[sps]} steps/s"), TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("loss {task.fields[loss]}  train acc {task.fields[acc]}"),
+                console=console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total,
+                                                 completed=self.start, sps="-", loss="-",
+                                                 acc="-")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def print(self, message: str) -> None:
+        target = self._progress.console if self._progress is not None else console
+        target.print(message, markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+    def log(self, step: int, loss: float, accuracy: float, steps_per_s: float, lr: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, sps=f"{steps_per_s:.1f}",
+                                  loss=_fmt(loss, 4), acc=_fmt(accuracy))
+            return
+        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else 0.0
+        console.print(
+            f"step {step}/{self.total}  loss {_fmt(loss, 4)}  train acc {_fmt(accuracy)}  "
+            f"lr {lr:.3g}  {steps_per_s:.1f} steps/s  eta {_eta(eta)}",
+            markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+    def eval_table(self, step: int, rows: list[dict]) -> None:
+        """rows: evaluate.table_rows(...) — one dict per mode."""
+        if self._progress is not None:
+            self._progress.console.print(eval_table(rows, title=f"evaluation at step {step}"))
+            return
+        for r in rows:
+            role = f" ({r['role']})" if r["role"] else ""
+            ceiling = f"  ceiling {_fmt(r['ceiling'])}" if r["ceiling"] is not None else ""
+            console.print(
+                f"eval step {step}  {r['mode']}{role}  accuracy_query {_fmt(r['accuracy_query'])}"
+                f"  accuracy_closed {_fmt(r['accuracy_closed'])}  loss {_fmt(r['loss_query'], 4)}"
+                f"{ceiling}  n {r['sequences']}",
+                markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def eval_table(rows: list[dict], title: str):
+    """A Rich table, one row per eval mode, with IWL and ICL named as such.
+    Compact enough for an 80-column terminal."""
+    from rich import box
+    from rich.table import Table
+    n = {r["sequences"] for r in rows}
+    if len(n) == 1:
+        title += f", {n.pop()} sequences per mode"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("mode", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("accuracy_query", justify="right")
+    table.add_column("accuracy_closed", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("ceiling", justify="right")
+    for r in rows:
+        table.add_row(r["mode"], r["role"], _fmt(r["accuracy_query"]),
+                      _fmt(r["accuracy_closed"]), _fmt(r["loss_query"], 3), _fmt(r["ceiling"]))
+    table.caption = ("IWL = in-weights learning, ICL = in-context learning. accuracy_query: "
+                     "argmax over all labels (strict); accuracy_closed: argmax over the labels "
+                     "that can be right (few-shot: 0..ways-1); ceiling: the best any learner can "
+                     "score, as few-shot classes are drawn with replacement.")
+    table.caption_justify = "left"
+    return table
+
+
+def sources_table(rows: list[dict]):
+    """The from_* metrics of SPEC 8: where the query predictions come from."""
+    from rich import box
+    from rich.table import Table
+    table = Table(title="where the query predictions come from (share of sequences)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("mode", no_wrap=True)
+    names = [("from_common", "com"), ("from_rare", "rare"), ("from_fewshot", "fs"),
+             ("from_support", "sup"), ("from_support_common", "sup&com"),
+             ("from_support_rare", "sup&rare"), ("from_support_fewshot", "sup&fs")]
+    for _, header in names:
+        table.add_column(header, justify="right")
+    for r in rows:
+        table.add_row(r["mode"], *(_fmt(r["metrics"][k]) for k, _ in names))
+    table.caption = ("The from_* metrics: com / rare = a common / rare class's label, "
+                     "fs = one of 0..ways-1, sup = a label shown in the sequence's context, "
+                     "sup&X = both.")
+    table.caption_justify = "left"
+    return table
+
+
+def print_eval_results(rows: list[dict], title: str, live: bool | None = None) -> None:
+    """`eicl eval`'s output: two tables on a terminal, plain lines elsewhere."""
+    if is_terminal() if live is None else live:
+        console.print(eval_table(rows, title))
+        console.print(sources_table(rows))
+        return
+    console.print(title, markup=False, highlight=False, soft_wrap=True, emoji=False)
+    for r in rows:
+        parts = [f"{k} {_fmt(v, 4)}" for k, v in r["metrics"].items()]
+        role = f" ({r['role']})" if r["role"] else ""
+        ceiling = f"  ceiling {_fmt(r['ceiling'], 4)}" if r["ceiling"] is not None else ""
+        console.print(f"{r['mode']}{role}  " + "  ".join(parts) + ceiling
+                      + f"  sequences {r['sequences']}",
+                      markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def print_json(text: str) -> None:
+    """Machine-readable output, unstyled and unwrapped."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- sweep / report (sweep.py, report.py)
+
+_STATE_STYLE = {"pending": "dim", "running": "bold yellow", "finished": "green",
+                "failed": "bold red", "interrupted": "magenta"}
+
+
+def sweep_table(statuses: list, keys: list[str], title: str):
+    """A Rich table of a sweep's runs: swept values, seed, state, progress, latest ICL/IWL.
+
+    statuses: sweep.RunStatus objects; keys: the swept keys in column order."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .sweep import format_value
+    table = Table(title=title, title_justify="left")
+    shorts = [k.split(".", 1)[-1] for k in keys]
+    for k, s in zip(keys, shorts):
+        table.add_column(s if shorts.count(s) == 1 else k, overflow="fold")
+    table.add_column("seed", justify="right")
+    table.add_column("state", no_wrap=True)
+    table.add_column("step", justify="right")
+    table.add_column("ICL", justify="right")
+    table.add_column("IWL", justify="right")
+    counts: dict[str, int] = {}
+    for st in statuses:
+        counts[st.state] = counts.get(st.state, 0) + 1
+        state = st.state if st.returncode in (None, 0) or st.state != "failed" else \
+            f"failed (exit {st.returncode})"
+        table.add_row(*[Text(format_value(st.values.get(k, ""))) for k in keys], str(st.seed),
+                      Text(state, style=_STATE_STYLE.get(st.state, "")),
+                      f"{st.step if st.step is not None else '-'}/{st.steps}",
+                      _fmt(st.icl), _fmt(st.iwl))
+    mode = {st.iwl_mode for st in statuses}
+    table.caption = (", ".join(f"{n} {s}" for s, n in counts.items())
+                     + ". ICL = fewshot_holdout accuracy_query, IWL = "
+                     + (mode.pop() or "-" if len(mode) == 1 else "the run's no_support mode")
+                     + " accuracy_query, at the latest evaluation.")
+    table.caption_justify = "left"
+    return table
+
+
+def print_sweep_table(statuses: list, keys: list[str], title: str) -> None:
+    console.print(sweep_table(statuses, keys, title))
+
+
+class SweepDisplay:
+    """Live sweep table on a terminal; on other outputs one line per event."""
+
+    def __init__(self, keys: list[str], title: str, live: bool | None = None) -> None:
+        self.keys, self.title = keys, title
+        self.live = is_terminal() if live is None else live
+        self._live = None
+
+    def __enter__(self) -> "SweepDisplay":
+        if self.live:
+            from rich.live import Live
+            self._live = Live(console=console, refresh_per_second=2, transient=False)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def update(self, statuses: list, message: str) -> None:
+        if self._live is not None:
+            self._live.update(sweep_table(statuses, self.keys, self.title))
+            if message:
+                self._live.console.print(f"sweep: {message}", markup=False, highlight=False)
+        elif message:
+            console.print(f"sweep: {message}", markup=False, highlight=False, soft_wrap=True,
+                          emoji=False)
+
+
+def print_report_table(headers: list[str], cells: list[list[str]], notes: list[str],
+                       title: str) -> None:
+    """`eicl report`'s table: one row per run or sweep point."""
+    from rich.table import Table
+    table = Table(title=title, title_justify="left")
+    for h in headers:
+        numeric = h.startswith(("ICL", "IWL", "n", "step")) and h not in ("notes", "IWL mode")
+        table.add_column(h, justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=h in ("n", "step"))
+    from rich.text import Text
+    for line in cells:
+        table.add_row(*[Text(c) for c in line])  # names may hold [brackets]: never markup
+    table.caption = " ".join(notes)
+    table.caption_justify = "left"
+    console.print(table)
+
+
+# ---------------------------------------------------------------- sample (data/sequences.py)
+
+def sample_tables(records: list[dict], mode: str) -> list:
+    """One Rich table per sampled sequence (records from sequences.batch_records):
+    position, dataset class, Omniglot id, alphabet, drawer, label, rare; query marked."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    tables = []
+    for r in records:
+        augmented = any(r["variants"])
+        burst = "with a few-shot burst" if r["bursty"] else "no burst"
+        table = Table(title=f"sequence {r['sequence']} · {mode} · {burst}", title_justify="left",
+                      box=box.SIMPLE_HEAD, show_edge=False)
+        for col in ("pos", "class", "omniglot") + (("variant",) if augmented else ()) + (
+                "alphabet", "drawer", "label", "rare"):
+            if col == "alphabet":  # long names give way first when the terminal is narrow
+                table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=24)
+            else:
+                table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+        last = len(r["labels"]) - 1
+        for p in range(len(r["labels"])):
+            cells = [("query" if p == last else str(p)), str(r["classes"][p]),
+                     str(r["omniglot_ids"][p])]
+            if augmented:
+                cells.append(str(r["variants"][p]))
+            cells += [r["alphabets"][p], str(r["drawers"][p]), str(r["labels"][p]),
+                      "yes" if r["is_rare"][p] else ""]
+            table.add_row(*[Text(c) for c in cells], style="bold red" if p == last else None)
+        tables.append(table)
+    return tables
+
+
+def print_sample(records: list[dict], mode: str) -> None:
+    for table in sample_tables(records, mode):
+        console.print(table)
+
+
+# ---------------------------------------------------------------- prepare-data (prepare.py)
+
+_PREPARE_LABELS = {"decode": "decoding images", "draw": "drawing glyphs", "convert": "converting TFDS"}
+
+
+class PrepareProgress:
+    """Bars for `eicl prepare-data`: one per task (a download, decoding).
+    Call the instance as progress(task, done, total). Off a terminal it prints
+    nothing until the summary."""
+
+    def __init__(self, live: bool | None = None) -> None:
+        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
+                                   TimeElapsedColumn)
+        self.live = is_terminal() if live is None else live
+        self._tasks: dict[str, int] = {}
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TaskProgressColumn(), TimeElapsedColumn(), console=console,
+                                  disable=not self.live, transient=False)
+
+    def __enter__(self) -> "PrepareProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if task not in self._tasks:
+            label = _PREPARE_LABELS.get(task, f"downloading {task}")
+            self._tasks[task] = self._progress.add_task(label, total=total)
+        self._progress.update(self._tasks[task], completed=done, total=total)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def print_prepare_summary(result) -> None:
+    """Summary table of a prepared (or already up-to-date) dataset cache."""
+    from rich.table import Table
+    if result.skipped:
+        info(f"{result.path} is up to date (built from {result.source}); nothing to do. "
+             "Use --force to rebuild.")
+    title = f"{result.kind} cache" + (" (SYNTHETIC glyphs, not Omniglot)" if result.synthetic else "")
+    t = Table(title=title, show_header=True, header_style="bold")
+    for col in ("alphabets", "classes", "bg / eval classes", "images", "size on disk", "seconds"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{result.n_alphabets:,}", f"{result.n_classes:,}",
+              f"{result.n_background_classes:,} / {result.n_evaluation_classes:,}",
+              f"{result.n_images:,}", _size(result.bytes), f"{result.seconds:.1f}")
+    console.print(t)
+    info(f"cache: {result.path}")
+    info(f"source: {result.source}")
+
+
+# ---------------------------------------------------------------- model (model/, train --print-model)
+
+def model_table(rows: list[tuple[str, int]], title: str):
+    """Parameters per module; `rows` from model.parameter_counts, ending in ("total", n)."""
+    from rich.table import Table
+
+    total = rows[-1][1] if rows and rows[-1][0] == "total" else sum(n for _, n in rows)
+    t = Table(title=title)
+    t.add_column("module")
+    t.add_column("parameters", justify="right")
+    t.add_column("share", justify="right")
+    for i, (name, n) in enumerate(rows):
+        is_total = name == "total" and i == len(rows) - 1
+        share = f"{100.0 * n / total:.1f}%" if total else "-"
+        t.add_row(name, f"{n:,}", share, end_section=(i == len(rows) - 2 and rows[-1][0] == "total"),
+                  style="bold" if is_total else None)
+    return t
+
+
+def print_model_table(rows: list[tuple[str, int]], title: str) -> None:
+    console.print(model_table(rows, title))

@@ -1,0 +1,224 @@
+"""Evaluation on fixed, seeded sets of sequences per mode, in large batches.
+
+Every metric of SPEC 8 is computed per batch on the device (metrics.py) as a
+mean; here the batch means are weighted by batch size and summed on the
+device, so the result is the exact mean over all n sequences whatever the
+batch size, with one device->host transfer per mode.
+
+The paper's headline numbers: IWL = the no_support_* modes, ICL =
+fewshot_holdout. Few-shot classes are drawn with replacement, so a sequence
+can show one class under two labels; `fewshot_ceiling` is the best accuracy
+any learner can reach and is reported beside the number.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint, runs
+from . import config as config_mod
+from .config import Config
+from .errors import EiclError
+from .inputs import DeviceData, materialise, to_device
+
+from .metrics import METRIC_NAMES as METRICS  # the SPEC 8 metrics, in display order
+
+
+def role(mode: str) -> str:
+    """'IWL' / 'ICL' for the paper's headline modes, '' for the others."""
+    if mode.startswith("no_support_"):
+        return "IWL"
+    if mode == "fewshot_holdout":
+        return "ICL"
+    return ""
+
+
+def fewshot_ceiling(n_pool: int, ways: int) -> float:
+    """Best achievable few-shot accuracy when the `ways` classes are drawn
+    uniformly WITH replacement from n_pool classes and labelled 0..ways-1 by
+    draw order: if the query's class also fills K other slots, its label is one
+    of K+1 equally plausible ones, so a perfect learner scores E[1/(K+1)] with
+    K ~ Binomial(ways-1, 1/n). That mean is (1 - (1-p)^ways) / (ways * p);
+    for n = 10 holdout classes and 2 ways it is 0.95."""
+    if n_pool <= 0:
+        return float("nan")
+    p = 1.0 / n_pool
+    return (1.0 - (1.0 - p) ** ways) / (ways * p)
+
+
+def mode_ceiling(cfg: Config, mode: str) -> float | None:
+    """The ceiling of a few-shot mode whose pool is uniform; None otherwise."""
+    c, ways = cfg.classes, cfg.sequences.ways
+    if mode == "fewshot_holdout":
+        return fewshot_ceiling(c.n_holdout, ways)
+    if mode in ("fewshot_common", "fewshot_rare") and (
+            c.zipf_exponent == 0 or not c.use_zipf_for_common_rare):
+        return fewshot_ceiling(c.n_common if mode == "fewshot_common" else c.n_rare, ways)
+    if mode == "fewshot_zipfian" and c.zipf_exponent == 0:
+        return fewshot_ceiling(c.n_common + c.n_rare, ways)
+    return None
+
+
+def _mode_key(seed: int, mode: str) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(mode.encode()) & 0x7FFFFFFF)
+
+
+def polysemy_factor(cfg: Config, mode: str) -> int:
+    """X when rare classes own X labels each (ordered_polysemyX) and the mode's
+    queries may be rare: any of a class's X labels then counts as right."""
+    kind, x = config_mod.parse_labeling(cfg.sequences.labeling_rare)
+    if kind == "polysemy" and mode in ("no_support_rare", "no_support_zipfian"):
+        return x
+    return 1
+
+
+@eqx.filter_jit
+def _eval_batch(model: Any, state: Any, data: DeviceData, batch: dict[str, jax.Array],
+                masks: dict[str, jax.Array], key: jax.Array, sums: dict[str, jax.Array],
+                polysemy: int):
+    """Add one batch's metrics, weighted by its size, to the running sums."""
+    from .metrics import batch_metrics
+    from .model import forward_batch
+    k_inputs, k_model = jax.random.split(key)
+    examples = materialise(data, batch, k_inputs)
+    logits, _ = forward_batch(model, state, examples, batch["label"], key=k_model,
+                              inference=True)
+    m = batch_metrics(logits, batch["label"], masks, polysemy=polysemy)
+    n = batch["label"].shape[0]
+    return {k: sums[k] + n * jnp.asarray(m[k], jnp.float32) for k in METRICS}
+
+
+def evaluate_modes(model: Any, state: Any, data: DeviceData, generator: Any, modes: list[str],
+                   n: int, batch_size: int, seed: int) -> dict[str, dict[str, float]]:
+    """{mode: {metric: mean over the mode's fixed n sequences, 'sequences': n}}."""
+    out = {}
+    for mode in modes:
+        polysemy = polysemy_factor(generator.cfg, mode)
+        masks = {k: jnp.asarray(v) for k, v in generator.label_masks(mode).items()
+                 if isinstance(v, np.ndarray)}
+        base = _mode_key(seed, mode)
+        sums = {k: jnp.zeros((), jnp.float32) for k in METRICS}
+        count = 0
+        for i, batch in enumerate(generator.eval_batches(mode, n, batch_size)):
+            sums = _eval_batch(model, state, data, to_device(batch), masks,
+                               jax.random.fold_in(base, i), sums, polysemy)
+            count += batch.size
+        host = jax.device_get(sums)
+        out[mode] = {k: float(host[k]) / count for k in METRICS}
+        out[mode]["sequences"] = count
+    return out
+
+
+def table_rows(cfg: Config, results: dict[str, dict[str, float]]) -> list[dict]:
+    """Rows for display.eval_table / the JSON output: headline role and ceiling per mode."""
+    rows = []
+    for mode, m in results.items():
+        rows.append({
+            "mode": mode, "role": role(mode), "ceiling": mode_ceiling(cfg, mode),
+            "sequences": m["sequences"],
+            "accuracy_query": m["accuracy_query"], "accuracy_closed": m["accuracy_closed"],
+            "loss_query": m["loss_query"],
+            "metrics": {k: m[k] for k in METRICS},
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- eval from disk
+
+@dataclass
+class Restored:
+    cfg: Config
+    model: Any
+    state: Any
+    step: int
+    path: Path
+
+
+def build_skeleton(cfg: Config, image_shape: tuple[int, ...]):
+    """A freshly initialised (model, state) of the config's shapes, to load into."""
+    from .model import build_model
+    return build_model(cfg, jax.random.key(cfg.run.seed), image_shape)
+
+
+def resolve_checkpoint(target: Path) -> tuple[list[tuple[int, Path]], Path | None]:
+    """A run folder -> its checkpoints newest first; a file -> just that file."""
+    target = Path(target)
+    if target.is_dir():
+        if not runs.is_run_dir(target):
+            raise EiclError(f"{target} is not a run folder (no {runs.CONFIG_FILE}) "
+                            "and not a checkpoint file")
+        found = list(runs.iter_newest_first(target))
+        if not found:
+            raise EiclError(f"run folder {target} has no checkpoints yet "
+                            f"(looked in {runs.checkpoint_dir(target)})")
+        return found, target
+    if target.is_file():
+        return [(-1, target)], None
+    raise EiclError(f"{target} does not exist; give a run folder or a .safetensors checkpoint")
+
+
+def config_of_checkpoint(path: Path) -> Config:
+    meta = checkpoint.read_metadata(path)
+    return config_mod.from_toml(meta["config"])
+
+
+def restore_for_eval(target: Path, dataset_loader=None):
+    """Load the model of a run folder (its newest intact checkpoint; corrupt
+    ones are skipped with a warning) or of one checkpoint file, with the
+    dataset and generator its config describes."""
+    from . import display
+    from .data.dataset import load_dataset
+    from .data.sequences import SequenceGenerator
+    from .inputs import device_data
+
+    candidates, run_dir = resolve_checkpoint(target)
+    errors = []
+    for _, path in candidates:
+        try:
+            cfg = config_of_checkpoint(path)
+        except checkpoint.CheckpointMismatch:
+            raise
+        except checkpoint.CheckpointError as e:
+            if run_dir is None:
+                raise
+            display.warn(f"skipping {path.name}: {e}")
+            errors.append(str(e))
+            continue
+        from .train import enable_compile_cache
+        enable_compile_cache(cfg)
+        dataset = (dataset_loader or load_dataset)(cfg)
+        if cfg.data.cache_sha256 and dataset.cache_sha256 and \
+                dataset.cache_sha256 != cfg.data.cache_sha256:
+            display.warn(f"the data cache {dataset.cache_file} differs from the one the run "
+                         "was trained with (sha256 changed)")
+        generator = SequenceGenerator(dataset, cfg)
+        data = device_data(dataset, cfg)
+        model, state = build_skeleton(cfg, tuple(dataset.images.shape[1:]))
+        try:
+            loaded = checkpoint.load(path, model=model, state=state)
+        except checkpoint.CheckpointMismatch:
+            raise
+        except checkpoint.CheckpointError as e:
+            if run_dir is None:
+                raise
+            display.warn(f"skipping {path.name}: {e}")
+            errors.append(str(e))
+            continue
+        return Restored(cfg, loaded.model, loaded.state, loaded.step, path), data, generator
+    raise EiclError(f"no intact checkpoint in {runs.checkpoint_dir(run_dir)} "
+                    f"({len(errors)} corrupt)")
+
+
+def check_modes(modes: list[str]) -> None:
+    for m in modes:
+        if m not in config_mod.EVAL_MODES:
+            raise EiclError(f"unknown eval mode {m!r}; choose from: "
+                            f"{', '.join(config_mod.EVAL_MODES)}")

@@ -1,0 +1,334 @@
+"""Example encoders: one image (or symbol) per sequence item -> an emb_dim vector.
+
+Every encoder maps a whole sequence at once, (L, H, W) float images or (L,)
+int symbols -> (L, out_dim), so convolutions run as one batched op and batch
+norm can reduce over the L images of the sequence and, through the named vmap
+axis, over the sequences of the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..errors import EiclError
+from .layers import BatchNorm, Dense, fan_in_init, split, truncated_normal, zeros
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+import os as _os
+_EXP = dict(kv.split("=") for kv in _os.environ.get("EICL_EXP", "").split(",") if kv)
+
+
+def _same_out(size: int, stride: int) -> int:
+    return -(-size // stride)
+
+
+class Conv2D(eqx.Module):
+    """A 2-D convolution over NHWC input with SAME padding (Haiku's default)."""
+
+    weight: jax.Array  # (kh, kw, in, out)
+    bias: jax.Array | None
+    stride: int = eqx.field(static=True)
+
+    def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, key: jax.Array,
+                 *, bias: bool = False):
+        self.weight = fan_in_init(key, (kernel, kernel, n_in, n_out))
+        self.bias = zeros((n_out,)) if bias else None
+        self.stride = stride
+
+    def __call__(self, x: jax.Array, dtype=jnp.float32) -> jax.Array:
+        kh, kw, n_in, n_out = self.weight.shape
+        w = self.weight.astype(dtype)
+        x = x.astype(dtype)
+        if kh == kw == 1:
+            # A 1x1 conv is a matmul over channels; strided = subsample first.
+            if self.stride > 1:
+                x = x[:, ::self.stride, ::self.stride]
+            y = x @ w[0, 0]
+        elif n_in == 1 and _EXP.get("conv", "taps") == "taps":
+            y = _one_channel_conv(x, w, self.stride)
+        elif n_in == 1 and _EXP.get("conv", "taps") == "taps_fwd":
+            n, h, wd, _ = x.shape
+            taps = _stem_taps(x, kh, kw, self.stride)
+            y = (taps.T @ w.reshape(kh * kw, n_out)).reshape(
+                n, _same_out(h, self.stride), _same_out(wd, self.stride), n_out)
+        else:
+            y = _conv(x, w, self.stride)
+        if self.bias is not None:
+            y = y + self.bias.astype(dtype)
+        return y
+
+
+def _conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=_NHWC)
+
+
+def _stem_taps(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """(kh * kw, N * OH * OW): the SAME-padded input pixel under each kernel tap
+    at every output position, one contiguous row per tap."""
+    n, h, wd, _ = x.shape
+    oh, ow = _same_out(h, stride), _same_out(wd, stride)
+    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - wd, 0)
+    xp = jnp.pad(x[..., 0], ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+    span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+    return jnp.stack([xp[:, a:a + span_h:stride, b:b + span_w:stride]
+                      for a in range(kh) for b in range(kw)]).reshape(kh * kw, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _one_channel_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """SAME convolution of one-channel NHWC data, for the ResNet's stem.
+
+    The forward pass is XLA's convolution. Its weight gradient, which XLA's
+    CPU backend computes slowly for one input channel (it was most of the
+    paper model's step), is one GEMM: taps (k*k, pixels) @ dy (pixels, out).
+    The images are data, never trained, so no gradient flows back to them
+    (the cotangent returned for x is zero)."""
+    return _conv(x, w, stride)
+
+
+def _one_channel_conv_fwd(x, w, stride):
+    return _conv(x, w, stride), (x, w)
+
+
+def _one_channel_conv_bwd(stride, res, dy):
+    x, w = res
+    kh, kw, _, n_out = w.shape
+    taps = _stem_taps(x, kh, kw, stride).astype(dy.dtype)
+    dw = (taps @ dy.reshape(-1, n_out)).reshape(kh, kw, 1, n_out)
+    return jnp.zeros_like(x), dw.astype(w.dtype)
+
+
+_one_channel_conv.defvjp(_one_channel_conv_fwd, _one_channel_conv_bwd)
+
+
+def _pool_padded(x: jax.Array) -> tuple[jax.Array, int, int]:
+    n, h, w, c = x.shape
+    oh, ow = _same_out(h, 2), _same_out(w, 2)
+    pad_h, pad_w = max((oh - 1) * 2 + 3 - h, 0), max((ow - 1) * 2 + 3 - w, 0)
+    xp = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                     (pad_w // 2, pad_w - pad_w // 2), (0, 0)), constant_values=-jnp.inf)
+    return xp, oh, ow
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """3 x 3 stride-2 SAME max pool (padding counts as -inf), NHWC.
+
+    Written as maxima of strided views: lax.reduce_window's gradient
+    (select-and-scatter) is ~15x slower on CPU. Separable (rows, then
+    columns: 6 views, the second three on a half-size array). Ties split the
+    gradient where select-and-scatter picks one; tied inputs of a stem feature
+    map come from identical image patches, so the weight gradient is the same.
+    """
+    xp, oh, ow = _pool_padded(x)
+    if _EXP.get("pool", "sep") == "nine":
+        out = None
+        for i in range(3):
+            for j in range(3):
+                view = xp[:, i:i + 2 * (oh - 1) + 1:2, j:j + 2 * (ow - 1) + 1:2]
+                out = view if out is None else jnp.maximum(out, view)
+        return out
+    rows = jnp.maximum(jnp.maximum(xp[:, 0:2 * oh - 1:2], xp[:, 1:2 * oh:2]), xp[:, 2:2 * oh + 1:2])
+    return jnp.maximum(jnp.maximum(rows[:, :, 0:2 * ow - 1:2], rows[:, :, 1:2 * ow:2]),
+                       rows[:, :, 2:2 * ow + 1:2])
+
+
+def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.State, *,
+          inference: bool, dtype) -> tuple[jax.Array, eqx.nn.State]:
+    """max_pool(relu(batch_norm(conv(images)))), with the pool taken first.
+
+    Batch norm is a per-channel affine map a * y + b and ReLU is monotone, so
+    the max over a window commutes with both when a >= 0, and turns into a
+    min when a < 0: pooling sign(a) * y and then applying |a| (exactly the
+    same floating-point values) does the elementwise work and its gradient on
+    a quarter of the pixels. The statistics still come from the full map."""
+    y = conv(images[..., None], dtype)
+    if _EXP.get("stem", "pool_first") == "pool_after":
+        y, state = norm(y, state, inference=inference)
+        return _max_pool_3x3_s2(jax.nn.relu(y)), state
+    mean, var, state = norm.statistics(y, state, inference=inference)
+    a = norm.multiplier(var)
+    sign = lax.stop_gradient(jnp.where(a >= 0, 1.0, -1.0))
+    pooled = _max_pool_3x3_s2(y.astype(jnp.float32) * sign)
+    out = (pooled - sign * mean) * (a * sign) + norm.offset
+    return jax.nn.relu(out).astype(y.dtype), state
+
+
+class BottleneckBlock(eqx.Module):
+    """ResNet v1 bottleneck block: 1x1 (c/4) -> 3x3 (c/4, strided) -> 1x1 (c),
+    batch norm after each conv, ReLU between, the last batch norm's scale
+    starting at zero, projection shortcut (1x1 conv + batch norm) when asked."""
+
+    convs: tuple[Conv2D, Conv2D, Conv2D]
+    norms: tuple[BatchNorm, BatchNorm, BatchNorm]
+    shortcut: tuple[Conv2D, BatchNorm] | None
+
+    def __init__(self, n_in: int, channels: int, stride: int, projection: bool,
+                 key: jax.Array, axis_name: Hashable | None):
+        k0, k1, k2, kp = split(key, 4)
+        mid = channels // 4
+        self.convs = (Conv2D(n_in, mid, 1, 1, k0), Conv2D(mid, mid, 3, stride, k1),
+                      Conv2D(mid, channels, 1, 1, k2))
+        self.norms = (BatchNorm(mid, axis_name=axis_name), BatchNorm(mid, axis_name=axis_name),
+                      BatchNorm(channels, axis_name=axis_name, zero_scale=True))
+        self.shortcut = ((Conv2D(n_in, channels, 1, stride, kp),
+                          BatchNorm(channels, axis_name=axis_name)) if projection else None)
+
+    def __call__(self, x, state, *, inference: bool, dtype):
+        shortcut = x
+        if self.shortcut is not None:
+            conv, norm = self.shortcut
+            shortcut, state = norm(conv(x, dtype), state, inference=inference)
+        out = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            out, state = norm(conv(out, dtype), state, inference=inference)
+            if i < 2:
+                out = jax.nn.relu(out)
+        return jax.nn.relu(out + shortcut), state
+
+
+class ResNetEncoder(eqx.Module):
+    """The paper's ResNet v1 (bottleneck) without logits."""
+
+    initial_conv: Conv2D
+    initial_norm: BatchNorm
+    blocks: tuple[BottleneckBlock, ...]
+    flatten_superpixels: bool = eqx.field(static=True)
+
+    def __init__(self, blocks_per_group: Sequence[int], channels_per_group: Sequence[int],
+                 key: jax.Array, *, flatten_superpixels: bool = False,
+                 axis_name: Hashable | None = "batch", strides: Sequence[int] = (1, 2, 2, 2)):
+        keys = split(key, 1 + sum(blocks_per_group))
+        self.initial_conv = Conv2D(1, 64, 7, 2, keys[0])
+        self.initial_norm = BatchNorm(64, axis_name=axis_name)
+        blocks, n_in, k = [], 64, 1
+        for n_blocks, channels, stride in zip(blocks_per_group, channels_per_group, strides):
+            for b in range(n_blocks):
+                blocks.append(BottleneckBlock(n_in, channels, stride if b == 0 else 1,
+                                              b == 0, keys[k], axis_name))
+                n_in, k = channels, k + 1
+        self.blocks = tuple(blocks)
+        self.flatten_superpixels = flatten_superpixels
+
+    def __call__(self, images, state, *, inference: bool, dtype=jnp.float32):
+        x, state = _stem(self.initial_conv, self.initial_norm, images, state,
+                         inference=inference, dtype=dtype)
+        for block in self.blocks:
+            x, state = block(x, state, inference=inference, dtype=dtype)
+        if self.flatten_superpixels:
+            return x.reshape(x.shape[0], -1), state
+        return x.astype(jnp.float32).mean((1, 2)).astype(dtype), state
+
+
+def resnet_output_hw(image_shape: tuple[int, int], n_groups: int = 4,
+                     strides: Sequence[int] = (1, 2, 2, 2)) -> tuple[int, int]:
+    """Spatial size of the ResNet's last feature map (SAME padding throughout)."""
+    h, w = image_shape
+    h, w = _same_out(_same_out(h, 2), 2), _same_out(_same_out(w, 2), 2)  # conv, pool
+    for s in strides[:n_groups]:
+        h, w = _same_out(h, s), _same_out(w, s)
+    return h, w
+
+
+class LinearEncoder(eqx.Module):
+    """Flatten the image, one dense layer to emb_dim."""
+
+    dense: Dense
+
+    def __init__(self, n_pixels: int, emb_dim: int, key: jax.Array):
+        self.dense = Dense(n_pixels, emb_dim, key)
+
+    def __call__(self, images, state, *, inference: bool, dtype=jnp.float32):
+        return self.dense(images.reshape(images.shape[0], -1), dtype), state
+
+
+class ConvEncoder(eqx.Module):
+    """A cheap CPU encoder (not in the paper): 3x3 stride-2 convs with bias and
+    ReLU, then flatten and one dense layer to emb_dim."""
+
+    convs: tuple[Conv2D, ...]
+    dense: Dense
+
+    def __init__(self, image_shape: tuple[int, int], channels: Sequence[int], emb_dim: int,
+                 key: jax.Array):
+        keys = split(key, len(channels) + 1)
+        convs, n_in = [], 1
+        h, w = image_shape
+        for c, k in zip(channels, keys):
+            convs.append(Conv2D(n_in, c, 3, 2, k, bias=True))
+            n_in, h, w = c, _same_out(h, 2), _same_out(w, 2)
+        self.convs = tuple(convs)
+        self.dense = Dense(h * w * n_in, emb_dim, keys[-1])
+
+    def __call__(self, images, state, *, inference: bool, dtype=jnp.float32):
+        x = images[..., None]
+        for conv in self.convs:
+            x = jax.nn.relu(conv(x, dtype))
+        return self.dense(x.reshape(x.shape[0], -1), dtype), state
+
+
+class EmbeddingEncoder(eqx.Module):
+    """Symbolic examples: an integer id -> a row of a table (Haiku's Embed
+    default initialiser, truncated normal with std 1)."""
+
+    table: jax.Array
+
+    def __init__(self, vocab: int, emb_dim: int, key: jax.Array):
+        self.table = truncated_normal(key, (vocab, emb_dim), 1.0)
+
+    def __call__(self, symbols, state, *, inference: bool, dtype=jnp.float32):
+        return self.table[symbols].astype(dtype), state
+
+
+Encoder = ResNetEncoder | LinearEncoder | ConvEncoder | EmbeddingEncoder
+
+
+def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | None,
+                  key: jax.Array, blocks_per_group: Sequence[int] = (2, 2, 2, 2),
+                  channels_per_group: Sequence[int] = (16, 32, 32),
+                  conv_channels: Sequence[int] = (32, 32, 32),
+                  flatten_superpixels: bool = False, symbolic_vocab: int = 0,
+                  axis_name: Hashable | None = "batch") -> Encoder:
+    """The example encoder named `name`, producing emb_dim features per item."""
+    if name == "embedding":
+        if image_shape is not None:
+            raise EiclError("embedding.example_encoder = 'embedding' needs symbolic data; "
+                            "images need resnet, linear or conv")
+        return EmbeddingEncoder(symbolic_vocab, emb_dim, key)
+    if image_shape is None or len(image_shape) != 2:
+        raise EiclError(f"embedding.example_encoder = {name!r} needs (H, W) images, "
+                        f"got image shape {image_shape!r}")
+    image_shape = (int(image_shape[0]), int(image_shape[1]))
+    if name == "resnet":
+        channels = list(channels_per_group)
+        if flatten_superpixels:
+            # As the original: the last group has emb_dim / 16 channels and the
+            # 4 x 4 superpixels of a 105 x 105 image are flattened to emb_dim.
+            hw = resnet_output_hw(image_shape, len(blocks_per_group))
+            if emb_dim % 16 or math.prod(hw) * (emb_dim // 16) != emb_dim:
+                raise EiclError(
+                    f"embedding.flatten_superpixels needs emb_dim divisible by 16 and a final "
+                    f"4 x 4 feature map (105 x 105 images); got emb_dim {emb_dim} and a "
+                    f"{hw[0]} x {hw[1]} map for {image_shape[0]} x {image_shape[1]} images")
+            channels.append(emb_dim // 16)
+        else:
+            channels.append(emb_dim)
+        if min(channels) < 4:
+            raise EiclError(
+                f"resnet group channels {channels} (resnet_channels_per_group, then "
+                f"emb_dim{' / 16' if flatten_superpixels else ''}) must all be >= 4: "
+                "each bottleneck block narrows to channels / 4")
+        return ResNetEncoder(blocks_per_group, channels, key,
+                             flatten_superpixels=flatten_superpixels, axis_name=axis_name)
+    if name == "linear":
+        return LinearEncoder(math.prod(image_shape), emb_dim, key)
+    if name == "conv":
+        return ConvEncoder(image_shape, conv_channels, emb_dim, key)
+    raise EiclError(f"embedding.example_encoder = {name!r} is not allowed; "
+                    "choose one of: resnet, linear, conv, embedding")

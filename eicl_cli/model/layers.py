@@ -1,0 +1,198 @@
+"""Small building blocks shared by the encoders and sequence models.
+
+Weights are stored as (in, out) so that `x @ w` reads like the original Haiku
+layers and the parameter shapes match theirs one for one. Every layer takes a
+`dtype` at call time: the compute dtype for mixed precision (parameters stay
+float32 and are cast on use).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Haiku's truncated normal cuts at two standard deviations; its
+# VarianceScaling initialiser divides by this factor so that the truncated
+# distribution keeps the requested standard deviation.
+_TRUNC_STD_CORRECTION = 0.87962566103423978
+
+# Initial parameters are drawn on the host with NumPy, seeded from the JAX key.
+# Eager jax.random calls compile once per distinct shape (~0.2 s each on CPU),
+# which made building the ResNet take seconds; NumPy draws take microseconds.
+# The result is still a pure function of the key.
+
+
+def _host_rng(key: jax.Array) -> np.random.Generator:
+    return np.random.default_rng([int(v) for v in np.asarray(jax.random.key_data(key)).ravel()])
+
+
+def split(key: jax.Array, n: int) -> list[jax.Array]:
+    """n independent init keys derived from `key` (legacy uint32[2] keys)."""
+    seeds = _host_rng(key).integers(0, 2**32, size=(n, 2), dtype=np.uint32)
+    return [jnp.asarray(s) for s in seeds]
+
+
+def truncated_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
+    """Haiku's TruncatedNormal(stddev): a unit normal cut at +-2, times std."""
+    rng = _host_rng(key)
+    x = rng.standard_normal(shape)
+    bad = np.abs(x) > 2.0
+    while bad.any():  # redraw the tails: exactly a normal truncated to [-2, 2]
+        x[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(x) > 2.0
+    return jnp.asarray((x * std).astype(np.float32))
+
+
+def zeros(shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(np.zeros(shape, np.float32))
+
+
+def ones(shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(np.ones(shape, np.float32))
+
+
+def fan_in_init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Haiku's default for Linear and Conv: TruncatedNormal(1 / sqrt(fan_in))."""
+    fan_in = math.prod(shape[:-1])
+    return truncated_normal(key, shape, 1.0 / math.sqrt(fan_in))
+
+
+def variance_scaling_init(key: jax.Array, shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
+    """Haiku's VarianceScaling(scale, fan_in, truncated_normal), used by the
+    original's transformer dense layers and output head."""
+    fan_in = math.prod(shape[:-1])
+    std = math.sqrt(scale / fan_in) / _TRUNC_STD_CORRECTION
+    return truncated_normal(key, shape, std)
+
+
+class Dense(eqx.Module):
+    """y = x @ w + b over the last axis."""
+
+    weight: jax.Array  # (in, out)
+    bias: jax.Array | None  # (out,)
+
+    def __init__(self, n_in: int, n_out: int, key: jax.Array, *, bias: bool = True,
+                 init: str = "fan_in"):
+        shape = (n_in, n_out)
+        self.weight = (variance_scaling_init(key, shape) if init == "variance_scaling"
+                       else fan_in_init(key, shape))
+        self.bias = zeros((n_out,)) if bias else None
+
+    def __call__(self, x: jax.Array, dtype=jnp.float32) -> jax.Array:
+        y = x.astype(dtype) @ self.weight.astype(dtype)
+        if self.bias is not None:
+            y = y + self.bias.astype(dtype)
+        return y
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis with scale and offset (Haiku's defaults,
+    eps 1e-5). Statistics are always computed in float32."""
+
+    scale: jax.Array
+    offset: jax.Array
+    eps: float = eqx.field(static=True, default=1e-5)
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.scale = ones((dim,))
+        self.offset = zeros((dim,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.eps) * self.scale + self.offset
+        return y.astype(x.dtype)
+
+
+class BatchNorm(eqx.Module):
+    """Haiku-style batch norm over every axis but the last (channels).
+
+    Training: normalise with the statistics of this call, reduced over the
+    local axes (the images of one sequence and their pixels) and then averaged
+    over the named vmap axis `axis_name` (the sequences of the batch), so the
+    statistics are those of the whole batch of images, as hk.BatchApply gives
+    the original. The running averages are Haiku's zero-debiased exponential
+    moving averages (hidden = decay * hidden + (1 - decay) * value, average =
+    hidden / (1 - decay ** count)), kept in the Equinox state.
+    Inference: normalise with those running averages.
+    """
+
+    scale: jax.Array
+    offset: jax.Array
+    stats: eqx.nn.StateIndex
+    decay: float = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    axis_name: Hashable | None = eqx.field(static=True)
+
+    def __init__(self, channels: int, *, decay: float = 0.9, eps: float = 1e-5,
+                 axis_name: Hashable | None = "batch", zero_scale: bool = False):
+        self.scale = (zeros if zero_scale else ones)((channels,))
+        self.offset = zeros((channels,))
+        self.stats = eqx.nn.StateIndex((
+            zeros((channels,)),  # hidden mean
+            zeros((channels,)),  # hidden variance
+            jnp.asarray(np.zeros((), np.int32)),  # number of updates, for zero-debiasing
+        ))
+        self.decay = decay
+        self.eps = eps
+        self.axis_name = axis_name
+
+    def running_averages(self, state: eqx.nn.State) -> tuple[jax.Array, jax.Array]:
+        hidden_mean, hidden_var, count = state.get(self.stats)
+        debias = 1.0 - jnp.power(jnp.float32(self.decay), count.astype(jnp.float32))
+        # Before the first update Haiku's average is 0; avoid dividing by 0.
+        debias = jnp.where(count > 0, debias, 1.0)
+        return hidden_mean / debias, hidden_var / debias
+
+    def statistics(self, x: jax.Array, state: eqx.nn.State, *, inference: bool
+                   ) -> tuple[jax.Array, jax.Array, eqx.nn.State]:
+        """(mean, var, new state): this batch's statistics in training (and the
+        running-average update), the running averages at inference."""
+        if inference:
+            mean, var = self.running_averages(state)
+            return mean, var, state
+        x32 = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = x32.mean(axes)
+        mean_sq = jnp.square(x32).mean(axes)
+        if self.axis_name is not None:
+            # Every sequence holds the same number of images and pixels,
+            # so the mean of the per-sequence means is the batch mean.
+            mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
+        var = mean_sq - jnp.square(mean)
+        hidden_mean, hidden_var, count = state.get(self.stats)
+        d = self.decay
+        state = state.set(self.stats, (
+            d * hidden_mean + (1.0 - d) * lax.stop_gradient(mean),
+            d * hidden_var + (1.0 - d) * lax.stop_gradient(var),
+            count + 1,
+        ))
+        return mean, var, state
+
+    def multiplier(self, var: jax.Array) -> jax.Array:
+        """scale / sqrt(var + eps): the per-channel slope of the normalisation."""
+        return self.scale * lax.rsqrt(var + self.eps)
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State, *, inference: bool
+                 ) -> tuple[jax.Array, eqx.nn.State]:
+        mean, var, state = self.statistics(x, state, inference=inference)
+        y = (x.astype(jnp.float32) - mean) * self.multiplier(var) + self.offset
+        return y.astype(x.dtype), state
+
+
+def dropout(key: jax.Array | None, rate: float, x: jax.Array) -> jax.Array:
+    """Inverted dropout (Haiku's): keep with probability 1 - rate, rescale."""
+    if rate <= 0.0:
+        return x
+    if key is None:
+        raise ValueError("dropout with rate > 0 needs a PRNG key")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)

@@ -1,0 +1,172 @@
+"""The whole model: encoder -> tokens -> sequence model -> dense head.
+
+`Model.__call__` handles ONE sequence; `forward_batch` is the one way the rest
+of eicl runs a batch (vmap over sequences with the axis name that batch norm
+reduces over).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .. import config as config_mod
+from ..config import Config
+from ..errors import EiclError
+from .encoders import Encoder, build_encoder
+from .layers import Dense, dropout, split
+from .rnn import RNNStack
+from .tokens import Tokenizer, image_positions
+from .transformer import Transformer
+
+BATCH_AXIS = "batch"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Model(eqx.Module):
+    """Example encoder -> label table and token layout -> transformer or RNN
+    stack -> dense head to num_classes. Parameters are float32; batch-norm
+    running statistics live in the eqx.nn.State that build_model returns."""
+
+    encoder: Encoder
+    tokenizer: Tokenizer
+    core: Transformer | RNNStack
+    head: Dense
+    kind: str = eqx.field(static=True)  # transformer | lstm | vanilla_rnn
+    encoder_name: str = eqx.field(static=True)
+    example_dropout_prob: float = eqx.field(static=True)
+    compute_dtype: str = eqx.field(static=True)  # float32 | bfloat16
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.weight.shape[1]
+
+    def __call__(self, examples: jax.Array, labels: jax.Array, state: eqx.nn.State, *,
+                 key: jax.Array | None, inference: bool, pos_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, eqx.nn.State]:
+        """One sequence: examples (L, H, W) float in [0, 1] or (L,) int, labels
+        (L,) int (the last one, the query's, is never shown) -> logits
+        (L, num_classes) float32, the prediction at each image, and the new
+        state. `pos_key` (optional) draws the positional-dropout mask; the
+        original shares that mask across the batch, so forward_batch passes
+        one pos_key to every sequence."""
+        dtype = _DTYPES[self.compute_dtype]
+        if key is not None:
+            k_example, k_pos, k_core = jax.random.split(key, 3)
+        else:
+            k_example = k_pos = k_core = None
+        h, state = self.encoder(examples, state, inference=inference, dtype=dtype)
+        # As the original, example dropout is noise on the inputs, not a
+        # regulariser: it applies at evaluation too.
+        h = dropout(k_example, self.example_dropout_prob, h.astype(dtype))
+        tokens = self.tokenizer(h, labels, pos_key=pos_key if pos_key is not None else k_pos,
+                                inference=inference)
+        out = self.core(tokens, k_core, inference=inference, dtype=dtype)
+        logits = self.head(out, dtype).astype(jnp.float32)
+        positions = image_positions(labels.shape[0], self.tokenizer.concatenate_labels)
+        return logits[positions], state
+
+
+def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels: jax.Array,
+                  *, key: jax.Array | None, inference: bool
+                  ) -> tuple[jax.Array, eqx.nn.State]:
+    """A batch: examples (B, L, ...) and labels (B, L) -> logits (B, L, C) and
+    the new state. Batch norm reduces over all B * L images. Each sequence gets
+    its own dropout key split from `key`; None is allowed when no dropout is
+    configured (and at evaluation unless example dropout is on)."""
+    n = labels.shape[0]
+    if key is None:
+        pos_key, seq_keys = None, None
+    else:
+        pos_key, k_seq = jax.random.split(key)
+        seq_keys = jax.random.split(k_seq, n)
+
+    def one(ex, lab, k):
+        return model(ex, lab, state, key=k, inference=inference, pos_key=pos_key)
+
+    return jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None),
+                    out_axes=(0, None), axis_name=BATCH_AXIS)(examples, labels, seq_keys)
+
+
+def default_image_shape(cfg: Config) -> tuple[int, int] | None:
+    """(H, W) of the images the model sees, or None for symbolic data."""
+    if cfg.data.dataset == "symbolic":
+        return None
+    return (28, 28) if cfg.preproc.downsample else (105, 105)
+
+
+def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None = None
+                ) -> tuple[Model, eqx.nn.State]:
+    """The model of SPEC 6 for `cfg`, and its initial state (the batch-norm
+    running statistics). image_shape (H, W); None means the shape the config
+    implies (105 x 105, 28 x 28 when downsampling, None for symbolic data)."""
+    if image_shape is None:
+        image_shape = default_image_shape(cfg)
+    e, t, r = cfg.embedding, cfg.transformer, cfg.rnn
+    if e.concatenate_labels and cfg.train.w_interim > 0:
+        # Each concatenated token holds its own image's label, so a loss on the
+        # context predictions would be trivial; the original refuses it too.
+        raise EiclError(f"train.w_interim = {cfg.train.w_interim} needs interleaved tokens; "
+                        "set it to 0 or embedding.concatenate_labels = false")
+    num_classes = config_mod.num_classes(cfg)
+    k_enc, k_lab, k_core, k_head = split(key, 4)
+    encoder = build_encoder(
+        e.example_encoder, emb_dim=e.emb_dim, image_shape=image_shape, key=k_enc,
+        blocks_per_group=e.resnet_blocks_per_group,
+        channels_per_group=e.resnet_channels_per_group, conv_channels=e.conv_channels,
+        flatten_superpixels=e.flatten_superpixels, symbolic_vocab=cfg.data.symbolic_classes,
+        axis_name=BATCH_AXIS)
+    tokenizer = Tokenizer(num_classes, e.emb_dim, k_lab,
+                          concatenate_labels=e.concatenate_labels,
+                          use_positional_encodings=e.use_positional_encodings,
+                          positional_dropout_prob=e.positional_dropout_prob)
+    width = tokenizer.width
+    kind = cfg.model.kind
+    if kind == "transformer":
+        if width % t.num_heads:
+            raise EiclError(f"transformer.num_heads = {t.num_heads} must divide the token "
+                            f"width {width}")
+        core = Transformer(width, t.num_layers, t.num_heads, t.widening_factor,
+                           t.dropout_prob, k_core)
+        head_in = width
+    elif kind in ("lstm", "vanilla_rnn"):
+        core = RNNStack(kind, width, r.hidden_size, r.num_layers, r.dropout_prob, k_core)
+        head_in = r.hidden_size
+    else:
+        raise EiclError(f"model.kind = {kind!r} is not allowed; "
+                        "choose one of: transformer, lstm, vanilla_rnn")
+    if cfg.model.dtype not in _DTYPES:
+        raise EiclError(f"model.dtype = {cfg.model.dtype!r} is not allowed; "
+                        f"choose one of: {', '.join(_DTYPES)}")
+    model = Model(encoder=encoder, tokenizer=tokenizer, core=core,
+                  head=Dense(head_in, num_classes, k_head, init="variance_scaling"),
+                  kind=kind, encoder_name=e.example_encoder,
+                  example_dropout_prob=e.example_dropout_prob, compute_dtype=cfg.model.dtype)
+    state = eqx.nn.State(model)
+    # The initial state now lives in `state`; drop the copy inside the model
+    # so that it is not mistaken for parameters.
+    return eqx.nn.delete_init_state(model), state
+
+
+def _count(tree) -> int:
+    leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return sum(int(x.size) for x in leaves)
+
+
+def parameter_counts(model: Model) -> list[tuple[str, int]]:
+    """Trainable parameters per module, in forward order, then ("total", n).
+    Batch-norm running statistics are state, not parameters, and not counted."""
+    rows = [("label table", _count(model.tokenizer)),
+            (f"encoder ({model.encoder_name})", _count(model.encoder))]
+    if isinstance(model.core, Transformer):
+        rows += [(f"transformer block {i + 1}", _count(model.core.block(i)))
+                 for i in range(model.core.num_layers)]
+        rows.append(("final LayerNorm", _count(model.core.final_norm)))
+    else:
+        rows += [(f"{model.kind} layer {i + 1}", _count(layer))
+                 for i, layer in enumerate(model.core.layers)]
+    rows.append(("head", _count(model.head)))
+    rows.append(("total", sum(n for _, n in rows)))
+    assert rows[-1][1] == _count(model), "a module is missing from the parameter table"
+    return rows

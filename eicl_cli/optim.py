@@ -1,0 +1,84 @@
+"""The optimizer and its learning-rate schedule (SPEC 7).
+
+The paper's schedule ("rsqrt") follows the original experiment exactly:
+
+    lr(t) = min(max_lr * t / warmup, max_lr * sqrt(warmup / t))
+
+where t is the 0-based index of the update being applied (jaxline passes the
+global step before incrementing it, and optax's count starts at 0), so the
+very first update uses lr = 0 and the peak max_lr is reached at t = warmup.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from .config import Config, OptimizerConfig
+
+
+def learning_rate_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """lr as a function of the 0-based update index (a jnp scalar)."""
+    max_lr = o.max_lr
+    warmup = o.warmup_steps
+
+    def warm(t):
+        # warmup 0 means no warm-up at all: full max_lr from the first update.
+        return max_lr * t / warmup if warmup > 0 else jnp.full_like(t, max_lr)
+
+    if o.schedule == "rsqrt":
+        def schedule(count):
+            t = jnp.asarray(count, jnp.float32)
+            if warmup == 0:
+                # No warm-up: decay as max_lr / sqrt(t + 1) so step 0 is finite.
+                return max_lr / jnp.sqrt(t + 1.0)
+            # t = 0 gives 0 * inf = nan in the decay branch; guard it so the
+            # min picks the warm-up branch (0) as the original does.
+            decay = max_lr * jnp.sqrt(warmup / jnp.maximum(t, 1.0))
+            return jnp.minimum(warm(t), decay)
+    elif o.schedule == "constant":
+        def schedule(count):
+            t = jnp.asarray(count, jnp.float32)
+            return jnp.minimum(warm(t), max_lr) if warmup > 0 else jnp.full_like(t, max_lr)
+    elif o.schedule == "cosine":
+        def schedule(count):
+            t = jnp.asarray(count, jnp.float32)
+            span = max(total_steps - warmup, 1)
+            progress = jnp.clip((t - warmup) / span, 0.0, 1.0)
+            cos = 0.5 * max_lr * (1.0 + jnp.cos(jnp.pi * progress))
+            if warmup == 0:
+                return cos
+            return jnp.where(t < warmup, warm(t), cos)
+    else:  # validated in config.py; a new name there must be handled here
+        raise ValueError(f"unknown schedule {o.schedule!r}")
+    return schedule
+
+
+def _base_optimizer(o: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    wd = o.weight_decay
+    if o.name == "adam":
+        opt = optax.adam(lr)
+        # Adam with weight_decay is classic L2: decay added to the gradient.
+        return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
+    if o.name == "adamw":
+        return optax.adamw(lr, weight_decay=wd)
+    if o.name == "sgd":
+        opt = optax.sgd(lr)
+        return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
+    if o.name == "rmsprop":
+        opt = optax.rmsprop(lr)
+        return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
+    if o.name == "lamb":
+        return optax.lamb(lr, weight_decay=wd)
+    if o.name == "lion":
+        return optax.lion(lr, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {o.name!r}")  # validated in config.py
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """The configured optimizer, with global-norm clipping first when clip_level > 0."""
+    o = cfg.optimizer
+    opt = _base_optimizer(o, learning_rate_schedule(o, cfg.run.steps))
+    if o.clip_level > 0:
+        opt = optax.chain(optax.clip_by_global_norm(o.clip_level), opt)
+    return opt

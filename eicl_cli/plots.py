@@ -1,0 +1,130 @@
+"""Learning curves of ICL and IWL per run or sweep point, in the style of the
+paper's figures: two panels, training step against accuracy, one line per
+point (mean over seeds, shaded +- one standard deviation), the swept values
+in the legend."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
+
+from . import runs, sweep
+from .errors import EiclError
+from .report import Row, _short
+
+
+def _label(row: Row, keys: list[str]) -> str:
+    """The legend entry: the swept values (just the value when one key is swept)."""
+    shown = [k for k in keys if k in row.values and k != "label"]
+    if len(shown) == 1 and "label" not in row.values:
+        text = sweep.format_value(row.values[shown[0]])
+    else:
+        parts = [f"{_short(k, keys)}={sweep.format_value(row.values[k])}" for k in shown]
+        if "label" in row.values:
+            parts = [str(row.values["label"])]  # a zip label names the whole tuple
+        text = ", ".join(parts) if parts else row.label
+    if row.source and not keys:
+        text = f"{row.source}: {text}"
+    if row.synthetic:
+        text += " (synthetic)"
+    return text
+
+
+def _order(rows: list[Row], keys: list[str]) -> list[Row]:
+    """Sort by the first swept key when it is numeric, so colours run in order."""
+    if len(keys) >= 1 and all(isinstance(r.values.get(keys[0]), (int, float))
+                              and not isinstance(r.values.get(keys[0]), bool) for r in rows):
+        return sorted(rows, key=lambda r: r.values[keys[0]])
+    return rows
+
+
+def _steps_tick(x: float, _pos: int) -> str:
+    """Training steps as 0, 500, 2k, 1.5M: readable at any scale."""
+    for scale, unit in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
+def plot_curves(rows: list[Row], keys: list[str], path: Path,
+                metric: str = "accuracy_query", title: str = "") -> Path:
+    """Write a PNG with an ICL panel and an IWL panel; returns its path.
+
+    Solid lines are `metric`; the ICL panel also draws the other accuracy
+    (strict or closed) dashed in the same colour, since a model that only
+    learned to emit one of the context's labels scores well above 0 strict
+    but stays at chance closed."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise EiclError(f"--plot {path}: the plot is written as PNG; give a file name ending in .png")
+    if not path.parent.exists():
+        raise EiclError(f"--plot {path}: folder {path.parent} does not exist")
+    rows = [r for r in rows if r.runs]
+    if not any(r.curve(w, metric)[0] for r in rows for w in ("ICL", "IWL")):
+        raise EiclError("nothing to plot: none of the runs has an evaluation yet")
+    rows = _order(rows, keys)
+
+    fig = Figure(figsize=(11, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    cmap = matplotlib.colormaps["viridis"]
+    n = max(1, len(rows))
+    strict = metric == "accuracy_query"
+    other = "accuracy_closed" if strict else "accuracy_query"
+    names = {"accuracy_query": "strict (all labels)", "accuracy_closed": "closed (ways labels)"}
+    few_points = max(len(r.curve(w, metric)[0]) for r in rows for w in ("ICL", "IWL")) < 16
+    iwl_modes = sorted({r.iwl_mode for r in rows if r.iwl_mode})
+    panels = (("ICL", f"In-context learning: {sweep.ICL_MODE}"),
+              ("IWL", "In-weights learning: " + (" / ".join(iwl_modes) or "no_support")))
+    for ax, (which, heading) in zip(axes, panels):
+        for i, row in enumerate(rows):
+            colour = cmap(0.9 * i / max(1, n - 1)) if n > 1 else "tab:blue"
+            steps, means, stds = row.curve(which, metric)
+            if not steps:
+                continue
+            ax.plot(steps, means, color=colour, lw=1.8, marker="o" if few_points else None,
+                    ms=3, label=_label(row, keys))
+            band = [(s, m, d) for s, m, d in zip(steps, means, stds) if d is not None]
+            if band:
+                ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band],
+                                [b[1] + b[2] for b in band], color=colour, alpha=0.2, lw=0)
+            if which == "ICL":
+                o_steps, o_means, _ = row.curve(which, other)
+                ax.plot(o_steps, o_means, color=colour, lw=1.1, ls="--", alpha=0.8)
+        if which == "ICL":
+            ways = {r.runs[0].config.sequences.ways for r in rows}
+            ceilings = {r.ceiling for r in rows}
+            if len(ceilings) == 1 and None not in ceilings:
+                ax.axhline(next(iter(ceilings)), color="grey", ls=":", lw=1)
+            if len(ways) == 1:
+                ax.axhline(1.0 / next(iter(ways)), color="grey", ls="-.", lw=0.8)
+        ax.set_title(heading, fontsize=11)
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(FuncFormatter(_steps_tick))
+    axes[0].set_ylabel("accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    shown = [k for k in keys if k != "label"]
+    legend_title = _short(shown[0], keys) if len(shown) == 1 and "label" not in keys else None
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.80, 0.88),
+               fontsize=9, title=legend_title, frameon=False)
+    styles = [Line2D([], [], color="black", lw=1.8, label=names[metric]),
+              Line2D([], [], color="black", lw=1.1, ls="--", label=names[other] + ", ICL"),
+              Line2D([], [], color="grey", lw=0.8, ls="-.", label="ICL chance (1/ways)"),
+              Line2D([], [], color="grey", lw=1, ls=":", label="ICL ceiling")]
+    fig.legend(handles=styles, loc="lower left", bbox_to_anchor=(0.80, 0.12), fontsize=8,
+               frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.subplots_adjust(left=0.07, right=0.79, bottom=0.13, top=0.86 if title else 0.9, wspace=0.08)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    runs.atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,405 @@
+"""IWL vs ICL per run and per sweep point: final and best values with their steps.
+
+ICL is accuracy on `fewshot_holdout` (SPEC 8): `accuracy_query` (strict: the
+model must emit the context's label among all outputs) and `accuracy_closed`
+(argmax over the `ways` few-shot labels only; chance 1/ways). IWL is
+accuracy on the run's no_support mode (`no_support_zipfian`, else
+`no_support_common`, else `no_support_rare`, whichever its config evaluates).
+A sweep folder gives one row per point: mean and standard deviation over its
+seeds. Rows are marked when their data is synthetic or when their eval modes
+differ from the other rows'.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import runs, sweep
+from .errors import EiclError
+
+METRICS = ("accuracy_query", "accuracy_closed")
+# Config keys that differ between runs without changing the experiment.
+_NOT_SWEPT = {"run.name", "run.out_dir", "data.cache_file", "data.cache_sha256",
+              "data.data_dir", "run.seed"}
+
+
+@dataclass
+class Curve:
+    steps: list[int]
+    values: list[float]
+
+    def final(self) -> tuple[float, int] | None:
+        return (self.values[-1], self.steps[-1]) if self.steps else None
+
+    def best(self) -> tuple[float, int] | None:
+        if not self.steps:
+            return None
+        i = max(range(len(self.values)), key=lambda j: self.values[j])  # first of ties
+        return self.values[i], self.steps[i]
+
+
+@dataclass
+class RunResult:
+    path: Path
+    name: str
+    config: config_mod.Config
+    iwl_mode: str | None
+    checkpoint_step: int | None
+    last_step: int | None
+    curves: dict[tuple[str, str], Curve]   # (ICL|IWL, metric) -> curve
+
+    @property
+    def synthetic(self) -> bool:
+        return self.config.data.dataset == "synthetic"
+
+    @property
+    def eval_modes(self) -> tuple[str, ...]:
+        return tuple(sorted(self.config.eval.modes))
+
+    @property
+    def finished(self) -> bool:
+        return self.checkpoint_step is not None and self.checkpoint_step >= self.config.run.steps
+
+
+def _curve(records: list[dict], metric: str) -> Curve:
+    by_step: dict[int, float] = {}
+    for r in records:  # a resumed run may repeat a step: the later record wins
+        v = r.get(metric)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            by_step[int(r["step"])] = float(v)
+    steps = sorted(by_step)
+    return Curve(steps, [by_step[s] for s in steps])
+
+
+def load_run(path: Path) -> RunResult:
+    path = Path(path)
+    cfg = runs.read_config(path)
+    mode = sweep.iwl_mode(cfg.eval.modes)
+    evals = runs.read_metrics(path, kind="eval")
+    curves = {}
+    for which, m in (("ICL", sweep.ICL_MODE), ("IWL", mode)):
+        recs = [r for r in evals if m and r.get("mode") == m]
+        for metric in METRICS:
+            curves[(which, metric)] = _curve(recs, metric)
+    all_steps = [r.get("step") for r in runs.read_metrics(path) if isinstance(r.get("step"), int)]
+    return RunResult(path=path, name=path.name, config=cfg, iwl_mode=mode,
+                     checkpoint_step=sweep.run_progress(path),
+                     last_step=max(all_steps) if all_steps else None, curves=curves)
+
+
+def icl_ceiling(cfg: config_mod.Config) -> float | None:
+    """Best expected fewshot_holdout accuracy of a perfect learner (SPEC 8)."""
+    from .evaluate import mode_ceiling  # imported here: it pulls in JAX
+    return mode_ceiling(cfg, sweep.ICL_MODE)
+
+
+# ---------------------------------------------------------------- rows
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None          # None with one run
+    steps: list[int]           # one per run that has the value
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "steps": self.steps}
+
+
+def _stat(pairs: list[tuple[float, int]]) -> Stat | None:
+    if not pairs:
+        return None
+    vals = [v for v, _ in pairs]
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    return Stat(statistics.fmean(vals), std, [s for _, s in pairs])
+
+
+@dataclass
+class Row:
+    source: str                       # the sweep folder's name, or "" for single runs
+    label: str                        # point name or run name
+    values: dict[str, Any]            # swept key -> value
+    runs: list[RunResult]
+    expected_runs: int                # seeds in the manifest (1 for a run)
+    notes: list[str] = field(default_factory=list)
+
+    def stat(self, which: str, metric: str, kind: str) -> Stat | None:
+        pairs = []
+        for r in self.runs:
+            c = r.curves[(which, metric)]
+            got = c.final() if kind == "final" else c.best()
+            if got:
+                pairs.append(got)
+        return _stat(pairs)
+
+    def curve(self, which: str, metric: str) -> tuple[list[int], list[float], list[float | None]]:
+        """Mean over runs at every evaluated step, and the std where >= 2 runs have it."""
+        per_step: dict[int, list[float]] = {}
+        for r in self.runs:
+            c = r.curves[(which, metric)]
+            for s, v in zip(c.steps, c.values):
+                per_step.setdefault(s, []).append(v)
+        steps = sorted(per_step)
+        means = [statistics.fmean(per_step[s]) for s in steps]
+        stds = [statistics.stdev(per_step[s]) if len(per_step[s]) > 1 else None for s in steps]
+        return steps, means, stds
+
+    @property
+    def synthetic(self) -> bool:
+        return any(r.synthetic for r in self.runs)
+
+    @property
+    def iwl_mode(self) -> str | None:
+        modes = {r.iwl_mode for r in self.runs}
+        return modes.pop() if len(modes) == 1 else None
+
+    @property
+    def ceiling(self) -> float | None:
+        ceils = {round(icl_ceiling(r.config) or 0.0, 6) for r in self.runs}
+        return ceils.pop() if len(ceils) == 1 else None
+
+    @property
+    def finished_runs(self) -> int:
+        return sum(r.finished for r in self.runs)
+
+
+def _flat(cfg: config_mod.Config) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in config_mod.to_dict(cfg).items() for k, v in sec.items()}
+
+
+def _differing_keys(results: list[RunResult]) -> list[str]:
+    if len(results) < 2:
+        return []
+    flats = [_flat(r.config) for r in results]
+    keys = [k for k in flats[0] if k not in _NOT_SWEPT
+            and any(f[k] != flats[0][k] for f in flats[1:])]
+    return keys
+
+
+def _short(key: str, keys: list[str]) -> str:
+    s = key.split(".", 1)[-1]
+    return s if sum(k.split(".", 1)[-1] == s for k in keys) == 1 else key
+
+
+def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
+    """Rows for every run folder and sweep folder given; returns (rows, swept keys)."""
+    if not paths:
+        raise EiclError("give at least one run folder or sweep folder")
+    rows: list[Row] = []
+    keys: list[str] = []
+    singles: list[RunResult] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise EiclError(f"{p} does not exist; give a run folder or a sweep folder")
+        if sweep.is_sweep_dir(p):
+            manifest = sweep.read_manifest(p)
+            for k in manifest["swept_keys"]:
+                if k not in keys:
+                    keys.append(k)
+            points: dict[str, list[dict]] = {}
+            for r in manifest["runs"]:
+                points.setdefault(r["point"], []).append(r)
+            for point, members in points.items():
+                results = [load_run(p / m["run_dir"]) for m in members
+                           if runs.is_run_dir(p / m["run_dir"])]
+                rows.append(Row(source=p.name, label=point, values=dict(members[0]["values"]),
+                                runs=results, expected_runs=len(members)))
+        elif runs.is_run_dir(p):
+            singles.append(load_run(p))
+        else:
+            raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}) "
+                            f"nor a sweep folder (no {sweep.MANIFEST})")
+    if singles:
+        diff = _differing_keys(singles)
+        for k in diff:
+            if k not in keys:
+                keys.append(k)
+        for r in singles:
+            flat = _flat(r.config)
+            rows.append(Row(source="", label=r.name, values={k: flat[k] for k in diff},
+                            runs=[r], expected_runs=1))
+    for row in rows:  # a column every row can fill: mixed sweeps and runs line up
+        if row.runs:
+            flat = _flat(row.runs[0].config)
+            for k in keys:
+                if k not in row.values and k in flat:
+                    row.values[k] = flat[k]
+    _mark(rows)
+    return rows, keys
+
+
+def title(paths: list[Path]) -> str:
+    """A heading for a table or plot: each sweep's description (else its file's
+    name), and the run folders' names."""
+    parts = []
+    for p in paths:
+        p = Path(p)
+        if sweep.is_sweep_dir(p):
+            m = sweep.read_manifest(p)
+            parts.append(m.get("description") or Path(m.get("sweep_file", p.name)).stem)
+        else:
+            parts.append(p.name)
+    text = "; ".join(dict.fromkeys(parts))
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _mark(rows: list[Row]) -> None:
+    """Note synthetic data, and eval modes that differ from most rows'."""
+    all_runs = [r for row in rows for r in row.runs]
+    common = Counter(r.eval_modes for r in all_runs).most_common(1)
+    usual = common[0][0] if common else ()
+    for row in rows:
+        if row.synthetic:
+            row.notes.append("synthetic data")
+        if any(r.eval_modes != usual for r in row.runs):
+            modes = sorted({m for r in row.runs for m in r.eval_modes})
+            row.notes.append("eval modes differ: " + ",".join(modes))
+        if not row.runs:
+            row.notes.append("not started")
+        elif row.finished_runs < row.expected_runs:
+            row.notes.append(f"{row.finished_runs}/{row.expected_runs} runs finished")
+
+
+# ---------------------------------------------------------------- outputs
+
+def _steps_text(steps: list[int]) -> str:
+    if not steps:
+        return ""
+    lo, hi = min(steps), max(steps)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _stat_text(st: Stat | None, with_step: bool = True) -> str:
+    if st is None:
+        return "-"
+    text = f"{st.mean:.3f}"
+    if st.std is not None:
+        text += f" ±{st.std:.3f}"
+    if with_step:
+        text += f" @{_steps_text(st.steps)}"
+    return text
+
+
+def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query"
+          ) -> tuple[list[str], list[list[str]], list[str]]:
+    """(column headers, cells, footnotes) of the report table."""
+    other = "accuracy_closed" if metric == "accuracy_query" else "accuracy_query"
+    tag = {"accuracy_query": "strict", "accuracy_closed": "closed"}
+    show_source = len({r.source for r in rows}) > 1
+    show_label = not keys or any(not r.source for r in rows)
+    iwl_modes = {r.iwl_mode for r in rows if r.runs}
+    # A note every row shares goes under the table instead of in each row.
+    shared = set.intersection(*(set(r.notes) for r in rows)) if rows else set()
+    shared = {n for n in shared if n == "synthetic data"}
+    notes_of = {id(r): [n for n in r.notes if n not in shared] for r in rows}
+    headers = (["sweep"] if show_source else []) + (["run"] if show_label else [])
+    headers += [_short(k, keys) for k in keys]
+    headers += ["n", "step", "ICL final", "ICL best", f"ICL {tag[other]}", "IWL final",
+                "IWL best"]
+    if len(iwl_modes) > 1:
+        headers.append("IWL mode")
+    show_notes = any(notes_of.values())
+    if show_notes:
+        headers.append("notes")
+    cells = []
+    for r in rows:
+        line = ([r.source] if show_source else []) + ([r.label] if show_label else [])
+        line += [sweep.format_value(r.values[k]) if k in r.values else "" for k in keys]
+        last = [x.last_step for x in r.runs if x.last_step is not None]
+        step = _steps_text(last) if last else "-"
+        line += [f"{len(r.runs)}/{r.expected_runs}" if r.expected_runs > 1 else str(len(r.runs)),
+                 f"{step}/{r.runs[0].config.run.steps}" if r.runs else "-",
+                 _stat_text(r.stat("ICL", metric, "final"), with_step=False),
+                 _stat_text(r.stat("ICL", metric, "best")),
+                 _stat_text(r.stat("ICL", other, "final"), with_step=False),
+                 _stat_text(r.stat("IWL", metric, "final"), with_step=False),
+                 _stat_text(r.stat("IWL", metric, "best"))]
+        if len(iwl_modes) > 1:
+            line.append(r.iwl_mode or "-")
+        if show_notes:
+            line.append("; ".join(notes_of[id(r)]))
+        cells.append(line)
+    iwl = (next(iter(iwl_modes)) if len(iwl_modes) == 1 and None not in iwl_modes
+           else "the no_support mode of each run (IWL mode)")
+    notes = [f"ICL = fewshot_holdout, IWL = {iwl}; final and best accuracy, "
+             f"{metric} ({tag[metric]}: "
+             + ("argmax over all labels" if metric == "accuracy_query" else
+                "argmax over the labels that can be right; few-shot chance 1/ways")
+             + f"); ICL {tag[other]} = final {other}. Mean ±std over seeds; "
+             "@ the step(s) of the best value; step = last logged step / run.steps."]
+    ceilings = {r.ceiling for r in rows if r.runs}
+    if len(ceilings) == 1 and None not in ceilings:
+        notes.append(f"A perfect in-context learner scores about {next(iter(ceilings)):.3f} "
+                     "on fewshot_holdout (few-shot classes are drawn with replacement).")
+    elif ceilings:
+        notes.append("fewshot_holdout ceilings: " + ", ".join(
+            f"{r.label} {r.ceiling:.3f}" for r in rows if r.runs and r.ceiling is not None) + ".")
+    if shared:
+        notes.append("All runs use synthetic data: demos, not paper numbers.")
+    elif any(r.synthetic for r in rows):
+        notes.append("Rows marked synthetic data are demos, not paper numbers.")
+    return headers, cells, notes
+
+
+def _stat_json(st: Stat | None) -> dict | None:
+    return st.to_dict() if st else None
+
+
+def to_json(rows: list[Row], keys: list[str]) -> str:
+    out = []
+    for r in rows:
+        entry: dict[str, Any] = {
+            "source": r.source, "label": r.label, "values": r.values,
+            "runs": [str(x.path) for x in r.runs], "expected_runs": r.expected_runs,
+            "finished_runs": r.finished_runs,
+            "last_step": [x.last_step for x in r.runs],
+            "steps": r.runs[0].config.run.steps if r.runs else None,
+            "dataset": sorted({x.config.data.dataset for x in r.runs}),
+            "synthetic": r.synthetic,
+            "eval_modes": sorted({m for x in r.runs for m in x.eval_modes}),
+            "iwl_mode": r.iwl_mode, "icl_mode": sweep.ICL_MODE,
+            "icl_ceiling": r.ceiling, "notes": r.notes,
+        }
+        for which in ("ICL", "IWL"):
+            for metric in METRICS:
+                entry[f"{which.lower()}_{metric}"] = {
+                    "final": _stat_json(r.stat(which, metric, "final")),
+                    "best": _stat_json(r.stat(which, metric, "best"))}
+        out.append(entry)
+    return json.dumps({"swept_keys": keys, "rows": out}, indent=1)
+
+
+def to_csv(rows: list[Row], keys: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    cols = []
+    for which in ("icl", "iwl"):
+        for metric in METRICS:
+            for kind in ("final", "best"):
+                cols += [f"{which}_{metric}_{kind}_{x}" for x in ("mean", "std", "step")]
+    w.writerow(["source", "label", *keys, "n_runs", "expected_runs", "finished_runs",
+                "last_step", "steps", "synthetic", "iwl_mode", "icl_ceiling", *cols, "notes"])
+    for r in rows:
+        vals = []
+        for which in ("ICL", "IWL"):
+            for metric in METRICS:
+                for kind in ("final", "best"):
+                    st = r.stat(which, metric, kind)
+                    vals += ([st.mean, "" if st.std is None else st.std, _steps_text(st.steps)]
+                             if st else ["", "", ""])
+        last = [x.last_step for x in r.runs if x.last_step is not None]
+        w.writerow([r.source, r.label,
+                    *[sweep.format_value(r.values[k]) if k in r.values else "" for k in keys],
+                    len(r.runs), r.expected_runs, r.finished_runs,
+                    _steps_text(last), r.runs[0].config.run.steps if r.runs else "",
+                    str(r.synthetic).lower(), r.iwl_mode or "",
+                    "" if r.ceiling is None else round(r.ceiling, 6), *vals, "; ".join(r.notes)])
+    return buf.getvalue()

@@ -1,0 +1,221 @@
+"""`eicl report`: final and best ICL/IWL per run and per sweep point (mean and
+std over seeds), marks for synthetic data and differing eval modes, JSON/CSV,
+a PNG of learning curves, and one-line errors. Run folders are written here
+by hand, with the layout and record format of runs.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from eicl_cli import config as C
+from eicl_cli import report, runs, sweep
+from eicl_cli.cli import app
+from eicl_cli.errors import EiclError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = [1000, 2000, 3000, 4000, 5000]
+
+
+def icl_curve(p_bursty: float, seed: int) -> list[float]:
+    """Rising with burstiness, peaking before the end (so best != final)."""
+    peak = 0.2 + 0.7 * p_bursty + 0.01 * seed
+    return [round(peak * f, 4) for f in (0.1, 0.4, 0.8, 1.0, 0.95)]
+
+
+def iwl_curve(p_bursty: float, seed: int) -> list[float]:
+    top = 0.9 - 0.6 * p_bursty - 0.02 * seed
+    return [round(top * f, 4) for f in (0.2, 0.5, 0.7, 0.9, 1.0)]
+
+
+def make_run(path: Path, cfg: C.Config, icl: list[float], iwl: list[float],
+             steps: list[int] = STEPS, checkpoint: int | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "checkpoints").mkdir()
+    runs.write_config(path, cfg)
+    iwl_mode = sweep.iwl_mode(cfg.eval.modes)
+    for i, step in enumerate(steps):
+        runs.append_metrics(path, {"kind": "train", "step": step, "time": step / 100.0,
+                                   "steps_per_s": 100.0, "loss": 2.0 - i * 0.3})
+        for mode in cfg.eval.modes:
+            acc = icl[i] if mode == "fewshot_holdout" else iwl[i] if mode == iwl_mode else 0.3
+            runs.append_metrics(path, {"kind": "eval", "step": step, "time": step / 100.0,
+                                       "mode": mode, "sequences": 1000, "accuracy_query": acc,
+                                       "accuracy_closed": min(1.0, 0.5 + acc / 2),
+                                       "loss_query": 1.0 - acc / 2})
+    ckpt = steps[-1] if checkpoint is None else checkpoint
+    (path / "checkpoints" / f"step_{ckpt:08d}.safetensors").write_bytes(b"x")
+    return path
+
+
+def base_cfg(**sections: dict) -> C.Config:
+    raw = {"run": {"steps": STEPS[-1]}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return C.from_dict(raw)
+
+
+@pytest.fixture
+def fixture_sweep(tmp_path: Path) -> Path:
+    """A 2-point x 2-seed sweep folder whose runs hold hand-written metrics."""
+    sweep_file = tmp_path / "burst.toml"
+    sweep_file.write_text(textwrap.dedent(f"""
+        base = "{(ROOT / 'configs' / 'images_all_exemplars.toml').as_posix()}"
+        description = "fixture"
+        seeds = [0, 1]
+        [set]
+        "run.steps" = {STEPS[-1]}
+        [grid]
+        "sequences.p_bursty" = [0.0, 0.9]
+        """))
+    spec = sweep.load_sweep(sweep_file)
+    points = sweep.expand(spec)
+    out = tmp_path / "sweep_out"
+    out.mkdir()
+    sweep.write_manifest(out, spec, points)
+    for p in points:
+        pb = p.config.sequences.p_bursty
+        make_run(out / p.name, p.config, icl_curve(pb, p.seed), iwl_curve(pb, p.seed))
+    return out
+
+
+def test_single_run_final_and_best(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "r1", base_cfg(), icl_curve(0.9, 0), iwl_curve(0.9, 0))
+    rows, keys = report.collect([run])
+    assert keys == [] and len(rows) == 1
+    row = rows[0]
+    icl, iwl = icl_curve(0.9, 0), iwl_curve(0.9, 0)
+    final = row.stat("ICL", "accuracy_query", "final")
+    best = row.stat("ICL", "accuracy_query", "best")
+    assert (final.mean, final.steps, final.std) == (icl[-1], [5000], None)
+    assert (best.mean, best.steps) == (max(icl), [4000])
+    assert row.stat("IWL", "accuracy_query", "best").mean == max(iwl)
+    assert row.stat("ICL", "accuracy_closed", "final").mean == pytest.approx(0.5 + icl[-1] / 2)
+    assert row.iwl_mode == "no_support_zipfian"
+    assert row.ceiling == pytest.approx(0.95)
+    assert row.notes == []
+
+
+def test_sweep_rows_mean_and_std_over_seeds(fixture_sweep: Path) -> None:
+    rows, keys = report.collect([fixture_sweep])
+    assert keys == ["sequences.p_bursty"]
+    assert [r.values["sequences.p_bursty"] for r in rows] == [0.0, 0.9]
+    assert [len(r.runs) for r in rows] == [2, 2]
+    for row in rows:
+        pb = row.values["sequences.p_bursty"]
+        finals = [icl_curve(pb, s)[-1] for s in (0, 1)]
+        st = row.stat("ICL", "accuracy_query", "final")
+        assert st.mean == pytest.approx(statistics.fmean(finals))
+        assert st.std == pytest.approx(statistics.stdev(finals))
+        iwl_best = [max(iwl_curve(pb, s)) for s in (0, 1)]
+        assert row.stat("IWL", "accuracy_query", "best").mean == pytest.approx(
+            statistics.fmean(iwl_best))
+        steps, means, stds = row.curve("ICL", "accuracy_query")
+        assert steps == STEPS and stds[0] is not None
+        assert means[2] == pytest.approx(statistics.fmean(icl_curve(pb, s)[2] for s in (0, 1)))
+    # The science the fixture encodes comes out: burstier -> more ICL, less IWL.
+    assert (rows[1].stat("ICL", "accuracy_query", "final").mean
+            > rows[0].stat("ICL", "accuracy_query", "final").mean)
+    assert (rows[1].stat("IWL", "accuracy_query", "final").mean
+            < rows[0].stat("IWL", "accuracy_query", "final").mean)
+
+
+def test_marks_synthetic_differing_modes_and_unfinished(tmp_path: Path) -> None:
+    a = make_run(tmp_path / "a", base_cfg(), icl_curve(0.9, 0), iwl_curve(0.9, 0))
+    b = make_run(tmp_path / "b", base_cfg(data={"dataset": "synthetic"}),
+                 icl_curve(0.5, 0), iwl_curve(0.5, 0))
+    c = make_run(tmp_path / "c", base_cfg(eval={"modes": ["no_support_common", "fewshot_holdout"]}),
+                 icl_curve(0.0, 0), iwl_curve(0.0, 0))
+    d = make_run(tmp_path / "d", base_cfg(), icl_curve(0.9, 1)[:3], iwl_curve(0.9, 1)[:3],
+                 steps=STEPS[:3])
+    rows, keys = report.collect([a, b, c, d])
+    assert "data.dataset" in keys and "eval.modes" in keys
+    notes = {r.label: r.notes for r in rows}
+    assert notes["a"] == []
+    assert notes["b"] == ["synthetic data"]
+    assert notes["c"][0].startswith("eval modes differ")
+    assert notes["d"] == ["0/1 runs finished"]
+    assert {r.label: r.iwl_mode for r in rows}["c"] == "no_support_common"
+    headers, cells, foot = report.table(rows, keys)
+    assert "IWL mode" in headers
+    assert any("synthetic" in n for n in foot)
+
+
+def test_json_and_csv(fixture_sweep: Path) -> None:
+    rows, keys = report.collect([fixture_sweep])
+    data = json.loads(report.to_json(rows, keys))
+    assert data["swept_keys"] == keys and len(data["rows"]) == 2
+    r0 = data["rows"][0]
+    assert r0["values"]["sequences.p_bursty"] == 0.0
+    assert r0["icl_accuracy_query"]["best"]["steps"] == [4000, 4000]
+    assert r0["iwl_mode"] == "no_support_zipfian" and r0["synthetic"] is False
+    assert r0["icl_ceiling"] == pytest.approx(0.95)
+    table = list(csv.DictReader(io.StringIO(report.to_csv(rows, keys))))
+    assert len(table) == 2 and table[1]["sequences.p_bursty"] == "0.9"
+    assert float(table[1]["icl_accuracy_query_final_mean"]) == pytest.approx(
+        statistics.fmean(icl_curve(0.9, s)[-1] for s in (0, 1)))
+    assert table[1]["icl_accuracy_query_final_step"] == "5000"
+
+
+def test_cli_table_json_csv_and_plot(fixture_sweep: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    plot = tmp_path / "curves.png"
+    res = runner.invoke(app, ["report", str(fixture_sweep), "--plot", str(plot)],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "ICL final" in res.output and "p_bursty" in res.output
+    assert "0.9" in res.output and "0.950" in res.output  # the ceiling note
+    img = np.asarray(Image.open(plot).convert("RGB"))
+    assert img.shape[0] >= 400 and img.shape[1] >= 1000
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # lines, text, bands: not blank
+    assert not list(tmp_path.glob("*.tmp"))
+    res = runner.invoke(app, ["report", str(fixture_sweep), "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.output)["rows"]) == 2
+    res = runner.invoke(app, ["report", str(fixture_sweep), "--csv"])
+    assert res.exit_code == 0 and res.output.startswith("source,label,sequences.p_bursty,")
+    res = runner.invoke(app, ["report", str(fixture_sweep), "--closed", "--json"])
+    assert res.exit_code == 0
+
+
+def test_runs_and_sweeps_mixed(fixture_sweep: Path, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "lone", base_cfg(), icl_curve(0.5, 0), iwl_curve(0.5, 0))
+    rows, keys = report.collect([fixture_sweep, run])
+    assert [r.label for r in rows][-1] == "lone" and len(rows) == 3
+    headers, cells, _ = report.table(rows, keys)
+    assert headers[:3] == ["sweep", "run", "p_bursty"]
+    assert cells[-1][:3] == ["", "lone", "0.9"]  # filled from the run's config
+
+
+@pytest.mark.parametrize("args, message", [
+    (["report", "{tmp}/nothing"], "does not exist"),
+    (["report", "{tmp}"], "is not a run folder (no config.toml) nor a sweep folder"),
+    (["report", "{run}", "--plot", "{tmp}/x.jpg"], "give a file name ending in .png"),
+    (["report", "{run}", "--json", "--csv"], "choose one"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    run = make_run(tmp_path / "r", base_cfg(), icl_curve(0.5, 0), iwl_curve(0.5, 0))
+    args = [a.format(tmp=tmp_path, run=run) for a in args]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.output
+
+
+def test_plot_needs_evaluations(tmp_path: Path) -> None:
+    run = tmp_path / "empty"
+    run.mkdir()
+    runs.write_config(run, base_cfg())
+    rows, keys = report.collect([run])
+    assert rows[0].notes == ["0/1 runs finished"]
+    with pytest.raises(EiclError, match="nothing to plot"):
+        from eicl_cli import plots
+        plots.plot_curves(rows, keys, tmp_path / "p.png")

@@ -1,0 +1,38 @@
+"""Shared helpers of the train / eval tests: a synthetic cache and a tiny config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from eicl_cli import config
+
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+N_CLASSES = 40  # the synthetic cache's classes; tiny.toml keeps all of them
+
+
+def make_synthetic_cache(data_dir: Path) -> Path:
+    from eicl_cli.prepare import prepare_data
+    prepare_data("synthetic", data_dir, classes=N_CLASSES)
+    return data_dir
+
+
+def tiny(data_dir: Path, *overrides: str) -> config.Config:
+    return config.load(TINY, [f'data.data_dir="{data_dir}"', *overrides])
+
+
+def eicl(*args: str, data_dir: Path, env: dict | None = None, timeout: float = 300,
+         **popen) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process (stdout is a pipe: plain log lines)."""
+    full_env = {**os.environ, "EICL_DATA_DIR": str(data_dir), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "eicl_cli.cli", *args], env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+    return load(Path(path).read_bytes())
