@@ -115,11 +115,10 @@ def train(
         display.print_json(config_mod.to_toml(train_mod.resolved_config(cfg)).rstrip("\n"))
         return
     if print_model:
-        from .data.dataset import load_dataset
         from .model import build_model, parameter_counts
         import jax
-        dataset = load_dataset(cfg)
-        model, _ = build_model(cfg, jax.random.key(cfg.run.seed), tuple(dataset.images.shape[1:]))
+        # The image shape follows from the config, so no data cache is needed.
+        model, _ = build_model(cfg, jax.random.key(cfg.run.seed))
         display.print_model_table(parameter_counts(model),
                                   title=f"{cfg.model.kind} ({cfg.embedding.example_encoder} "
                                         f"encoder), {cfg.num_classes} classes")

@@ -163,3 +163,13 @@ def test_every_key_documented_in_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, _, _ in C.field_docs() if f"`{key}`" not in readme]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+def test_cli_print_model_needs_no_data(tmp_path: Path) -> None:
+    import os
+    out = subprocess.run([sys.executable, "-m", "eicl_cli.cli", "train", "--config",
+                          "configs/images_all_exemplars.toml", "--print-model"],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "EICL_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "831,479" in out.stdout and "103,872" in out.stdout and "105,495" in out.stdout
