@@ -90,7 +90,7 @@ def _eval_batch(model: Any, state: Any, data: DeviceData, batch: dict[str, jax.A
     k_inputs, k_model = jax.random.split(key)
     examples = materialise(data, batch, k_inputs)
     logits, _ = forward_batch(model, state, examples, batch["label"], key=k_model,
-                              inference=True)
+                              inference=True, query_only=True)
     m = batch_metrics(logits, batch["label"], masks, polysemy=polysemy)
     n = batch["label"].shape[0]
     return {k: sums[k] + n * jnp.asarray(m[k], jnp.float32) for k in METRICS}

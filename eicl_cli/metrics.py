@@ -31,7 +31,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def loss_fn(logits: jax.Array, labels: jax.Array, w_interim: float = 0.0) -> jax.Array:
     """The training loss: mean over sequences of the query's cross-entropy,
     or, with w_interim > 0, of (1 - w) * query CE + w * the mean CE of the
-    context images' predictions (the original's weighting)."""
+    context images' predictions (the original's weighting). Logits may cover
+    only the last positions (forward_batch's query_only): they pair with the
+    last labels."""
+    labels = labels[:, labels.shape[1] - logits.shape[1]:]
     ce = cross_entropy(logits, labels)
     n_context = labels.shape[1] - 1
     if (isinstance(w_interim, (int, float)) and w_interim == 0) or n_context == 0:

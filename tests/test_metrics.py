@@ -132,3 +132,11 @@ def test_aggregate_weights_batches_by_size():
     assert out["accuracy_query"] == pytest.approx((2 * 1.0 + 6 * 0.25) / 8)
     with pytest.raises(ValueError):
         aggregate([])
+
+
+def test_loss_on_query_only_logits_equals_the_query_loss_of_all_logits():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 5, 7)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 7, size=(4, 5)))
+    np.testing.assert_allclose(float(loss_fn(logits[:, -1:], labels, 0.0)),
+                               float(loss_fn(logits, labels, 0.0)), rtol=1e-6)

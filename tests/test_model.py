@@ -400,3 +400,17 @@ def test_loss_is_differentiable_through_every_part(tiny_resnet, kind):
     for part in (g.tokenizer.label_table, g.head.weight, g.encoder.initial_conv.weight,
                  g.encoder.blocks[0].norms[2].scale):
         assert float(jnp.abs(part).max()) > 0
+
+
+@pytest.mark.parametrize("kind,concat", [("transformer", False), ("transformer", True),
+                                         ("lstm", False)])
+def test_query_only_logits_equal_the_query_row_of_all_logits(kind, concat):
+    cfg = tiny_cfg("linear", kind, concat)
+    model, state = build_model(cfg, jax.random.PRNGKey(0), IMAGE)
+    examples, labels = tiny_inputs(cfg)
+    full, _ = forward_batch(model, state, examples, labels, key=None, inference=True)
+    query, _ = forward_batch(model, state, examples, labels, key=None, inference=True,
+                             query_only=True)
+    assert full.shape == (3, 5, N_CLASSES) and query.shape == (3, 1, N_CLASSES)
+    np.testing.assert_allclose(np.asarray(query[:, 0]), np.asarray(full[:, -1]), rtol=1e-6,
+                               atol=1e-6)

@@ -43,14 +43,17 @@ class Model(eqx.Module):
         return self.head.weight.shape[1]
 
     def __call__(self, examples: jax.Array, labels: jax.Array, state: eqx.nn.State, *,
-                 key: jax.Array | None, inference: bool, pos_key: jax.Array | None = None
-                 ) -> tuple[jax.Array, eqx.nn.State]:
+                 key: jax.Array | None, inference: bool, pos_key: jax.Array | None = None,
+                 query_only: bool = False) -> tuple[jax.Array, eqx.nn.State]:
         """One sequence: examples (L, H, W) float in [0, 1] or (L,) int, labels
         (L,) int (the last one, the query's, is never shown) -> logits
         (L, num_classes) float32, the prediction at each image, and the new
         state. `pos_key` (optional) draws the positional-dropout mask; the
         original shares that mask across the batch, so forward_batch passes
-        one pos_key to every sequence."""
+        one pos_key to every sequence. `query_only` returns (1, num_classes),
+        the query's logits alone: the head is a per-token dense layer, so the
+        numbers are the same, but with thousands of classes it is most of the
+        step's work and the query-only loss and all metrics need no more."""
         dtype = _DTYPES[self.compute_dtype]
         if key is not None:
             k_example, k_pos, k_core = jax.random.split(key, 3)
@@ -63,18 +66,20 @@ class Model(eqx.Module):
         tokens = self.tokenizer(h, labels, pos_key=pos_key if pos_key is not None else k_pos,
                                 inference=inference)
         out = self.core(tokens, k_core, inference=inference, dtype=dtype)
-        logits = self.head(out, dtype).astype(jnp.float32)
         positions = image_positions(labels.shape[0], self.tokenizer.concatenate_labels)
-        return logits[positions], state
+        if query_only:
+            positions = positions[-1:]
+        return self.head(out[positions], dtype).astype(jnp.float32), state
 
 
 def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels: jax.Array,
-                  *, key: jax.Array | None, inference: bool
+                  *, key: jax.Array | None, inference: bool, query_only: bool = False
                   ) -> tuple[jax.Array, eqx.nn.State]:
     """A batch: examples (B, L, ...) and labels (B, L) -> logits (B, L, C) and
-    the new state. Batch norm reduces over all B * L images. Each sequence gets
-    its own dropout key split from `key`; None is allowed when no dropout is
-    configured (and at evaluation unless example dropout is on)."""
+    the new state (B, 1, C with `query_only`). Batch norm reduces over all
+    B * L images. Each sequence gets its own dropout key split from `key`;
+    None is allowed when no dropout is configured (and at evaluation unless
+    example dropout is on)."""
     n = labels.shape[0]
     if key is None:
         pos_key, seq_keys = None, None
@@ -83,7 +88,8 @@ def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels
         seq_keys = jax.random.split(k_seq, n)
 
     def one(ex, lab, k):
-        return model(ex, lab, state, key=k, inference=inference, pos_key=pos_key)
+        return model(ex, lab, state, key=k, inference=inference, pos_key=pos_key,
+                     query_only=query_only)
 
     return jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None),
                     out_axes=(0, None), axis_name=BATCH_AXIS)(examples, labels, seq_keys)
