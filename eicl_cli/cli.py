@@ -95,11 +95,25 @@ def train(
         "--print-config", help="Print the resolved config (as the run will save it) and exit.")] = False,
     print_model: Annotated[bool, typer.Option(
         "--print-model", help="Print the model's parameter counts per module and exit.")] = False,
+    coordinator: Annotated[Optional[str], typer.Option(
+        "--coordinator", help="Multi-host: HOST:PORT of process 0 (with --num-processes, "
+                              "--process-id; the run folder must be on a shared filesystem).")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(
+        "--num-processes", help="Multi-host: number of processes.")] = None,
+    process_id: Annotated[Optional[int], typer.Option(
+        "--process-id", help="Multi-host: this process's index, 0..N-1.")] = None,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="Multi-host: read the cluster from the environment "
+                              "(SLURM, Open MPI) via jax.distributed.initialize().")] = False,
 ) -> None:
     """Train a model on bursty sequences; stream accuracy per eval mode.
-    Ctrl+C saves a checkpoint; continue with --resume RUN."""
+    Ctrl+C saves a checkpoint; continue with --resume RUN. Uses every local
+    device (batch split, parameters replicated); several hosts with
+    --coordinator/--num-processes/--process-id or --distributed."""
     from . import config as config_mod, display, runs
     from . import train as train_mod
+    from .parallel import initialize_distributed
+    initialize_distributed(coordinator, num_processes, process_id, auto=distributed)
     if resume is not None:
         if config is not None or out is not None:
             raise EiclError("--resume continues a run with its own config and folder; "
@@ -205,6 +219,10 @@ def sweep(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List the runs and their state; run nothing, write nothing.")] = False,
     set_: SetOpt = None,
+    stack: Annotated[int, typer.Option(
+        "--stack", help="Train up to K runs of equal array shapes (e.g. differing only in "
+                        "p_bursty, zipf_exponent or seed) in one process and one jitted "
+                        "step; each keeps its own run folder.")] = 1,
 ) -> None:
     """Run a grid of configs (a paper figure), resumably: finished runs are
     skipped, interrupted ones resumed, failed ones retried."""
@@ -212,6 +230,8 @@ def sweep(
     spec, sweep_runs, folder = sweep_mod.prepare(sweep_file, out, set_ or [])
     if jobs < 1:
         raise EiclError(f"--jobs {jobs}: must be at least 1")
+    if stack < 1:
+        raise EiclError(f"--stack {stack}: must be at least 1")
     keys = sweep_mod.swept_keys(spec)
     title = f"{spec.path.name}: {len(sweep_runs)} runs in {folder}"
     if spec.description:
@@ -224,7 +244,7 @@ def sweep(
     sweep_mod.write_manifest(folder, spec, sweep_runs)
     manifest = sweep_mod.read_manifest(folder)
     with display.SweepDisplay(keys, title) as live:
-        result = sweep_mod.run_sweep(folder, manifest, jobs, on_change=live.update)
+        result = sweep_mod.run_sweep(folder, manifest, jobs, on_change=live.update, stack=stack)
     if not live.live:
         display.print_sweep_table(result.statuses, keys, title)
     failed = [s.name for s in result.statuses if s.state == "failed"]
@@ -325,6 +345,77 @@ def sample(
         display.print_sample(records, mode)
         if png is not None:
             display.info(f"image grid written to {png}")
+
+
+@app.command("train-stack", hidden=True)
+@user_errors
+def train_stack(
+    names: Annotated[list[str], typer.Argument(help="Run names in the sweep folder.")],
+    sweep_dir: Annotated[Path, typer.Option("--sweep-dir", help="The sweep folder.")],
+) -> None:
+    """(Used by `eicl sweep --stack`.) Train several sweep runs in one stacked step."""
+    from . import config as config_mod, display, runs, stack as stack_mod
+    from . import train as train_mod
+    from .data.dataset import load_dataset
+    cfgs, dirs = [], []
+    for name in names:
+        run_dir = sweep_dir / name
+        if runs.is_run_dir(run_dir):
+            cfgs.append(runs.read_config(run_dir))
+        else:
+            cfgs.append(config_mod.load(sweep_dir / "configs" / f"{name}.toml"))
+        dirs.append(run_dir)
+    stack_mod.check_stackable(cfgs, names)
+    train_mod.enable_compile_cache(cfgs[0])
+    dataset = load_dataset(cfgs[0])
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, dirs)):
+        if not runs.is_run_dir(run_dir):
+            cfgs[i] = train_mod.with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)
+            runs.new_run_dir(cfgs[i], None, run_dir)
+            runs.write_config(run_dir, cfgs[i])
+    try:
+        steps = stack_mod.train_stack(cfgs, dirs, dataset=dataset)
+    except KeyboardInterrupt:
+        display.warn("stopped without saving")
+        raise typer.Exit(130)
+    if steps[0] < cfgs[0].run.steps:
+        display.info(f"interrupted at step {steps[0]}")
+        raise typer.Exit(130)
+    display.info(f"finished {len(names)} stacked runs at step {steps[0]}")
+
+
+@app.command()
+@user_errors
+def bench(
+    config: Annotated[Optional[list[Path]], typer.Option(
+        "--config", "-c", help="Config to measure; repeatable (default: the paper config "
+                               "and quickstart.toml).")] = None,
+    set_: SetOpt = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="Timed training steps after compilation (default: 3 on CPU for "
+                        "ResNet configs, 100 otherwise).")] = None,
+    stack: Annotated[int, typer.Option(
+        "--stack", help="Measure K stacked replicas of each config in one step.")] = 1,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """Measure batch generation, compile time, training and evaluation speed
+    and peak memory on this machine."""
+    import json
+    from . import bench as bench_mod, display
+    if stack < 1:
+        raise EiclError(f"--stack {stack}: must be at least 1")
+    if steps is not None and steps < 1:
+        raise EiclError(f"--steps {steps}: must be at least 1")
+    paths = list(config) if config else bench_mod.default_config_paths()
+    results = []
+    for path in paths:
+        cfg = bench_mod.load_for_bench(path, set_ or [])
+        n = steps or bench_mod.default_steps(cfg)
+        results.append(bench_mod.bench_config(cfg, steps=n, stack=stack, name=path.stem))
+        if json_:
+            display.print_json(json.dumps(results[-1]))
+    if not json_:
+        display.print_bench_table(results)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m eicl_cli`

@@ -381,3 +381,36 @@ def model_table(rows: list[tuple[str, int]], title: str):
 
 def print_model_table(rows: list[tuple[str, int]], title: str) -> None:
     console.print(model_table(rows, title))
+
+
+# ---------------------------------------------------------------- bench (bench.py)
+
+_BENCH_ROWS = (
+    ("device", "device", "{}"),
+    ("stack", "stacked runs", "{}"),
+    ("generator_sequences_per_s", "generator sequences/s", "{:,.0f}"),
+    ("compile_s", "compile s", "{:.1f}"),
+    ("train_steps_per_s", "train steps/s", "{:,.3f}"),
+    ("train_sequences_per_s", "train sequences/s", "{:,.1f}"),
+    ("step_ms", "ms per step", "{:,.1f}"),
+    ("eval_sequences_per_s", "eval sequences/s", "{:,.1f}"),
+    ("peak_host_rss_gb", "peak host RSS GB", "{:.2f}"),
+    ("peak_device_gb", "peak device GB", "{:.2f}"),
+)
+
+
+def print_bench_table(results: list[dict]) -> None:
+    """One column per benchmarked config (bench.bench_config results)."""
+    from rich.table import Table
+
+    t = Table(title="eicl bench")
+    t.add_column("")
+    for r in results:
+        t.add_column(r["config"] + (f" x{r['stack']}" if r.get("stack", 1) > 1 else ""),
+                     justify="right")
+    for key, label, fmt in _BENCH_ROWS:
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results]
+        t.add_row(label, *cells)
+    console.print(t)
+    info(f"train figures are steady state over {results[0]['train_steps']} steps after "
+         "compilation; peak host RSS is the whole process so far")

@@ -74,10 +74,14 @@ def device_data(dataset: Dataset, cfg: Config) -> DeviceData:
     )
 
 
+def host_fields(batch: Any) -> dict[str, np.ndarray]:
+    """The Batch's index arrays the step needs, as int32 host arrays."""
+    return {name: np.asarray(getattr(batch, name), np.int32) for name in DEVICE_FIELDS}
+
+
 def to_device(batch: Any) -> dict[str, jax.Array]:
     """The Batch's index arrays the step needs, as one small host->device copy."""
-    return {name: jnp.asarray(np.asarray(getattr(batch, name), np.int32))
-            for name in DEVICE_FIELDS}
+    return {name: jnp.asarray(a) for name, a in host_fields(batch).items()}
 
 
 def _at_source_size(data: DeviceData, x: jax.Array) -> jax.Array:

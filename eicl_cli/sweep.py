@@ -527,8 +527,8 @@ def statuses(sweep_dir: Path, manifest: dict | None = None) -> list[RunStatus]:
 
 @dataclass
 class Task:
-    """One process of the sweep. Today a task trains one run; a stacked runner
-    (several runs in one jitted process) would give a task several runs."""
+    """One process of the sweep: one run, or (--stack) several runs trained in
+    one stacked step."""
     runs: list[str]
     command: list[str]
     log: Path
@@ -545,6 +545,36 @@ def train_command(sweep_dir: Path, name: str, resume: bool) -> list[str]:
 
 
 CommandFn = Callable[[Path, str, bool], list[str]]
+
+
+def stack_command(sweep_dir: Path, names: list[str]) -> list[str]:
+    """One process training several runs in one stacked step (stack.py)."""
+    return [sys.executable, "-m", "eicl_cli.cli", "train-stack", "--sweep-dir",
+            str(sweep_dir), *names]
+
+
+def plan_stacked_tasks(sweep_dir: Path, todo: list[tuple[str, str]], manifest: dict,
+                       stack: int) -> list[Task]:
+    """Runs that can share a step (same shapes, same progress) in tasks of up
+    to `stack` runs; the rest alone. Order follows `todo`."""
+    from .stack import stack_key
+    configs = {r["name"]: config_mod.from_dict(r["config"]) for r in manifest["runs"]}
+    groups: dict[tuple, list[str]] = {}
+    for name, _ in todo:
+        progress = run_progress(Path(sweep_dir) / name) or 0
+        groups.setdefault((stack_key(configs[name]), progress), []).append(name)
+    tasks = []
+    for names in groups.values():
+        for i in range(0, len(names), stack):
+            chunk = names[i:i + stack]
+            log = Path(sweep_dir) / LOG_DIR / f"{chunk[0]}.log"
+            if len(chunk) == 1:  # nothing to stack it with: an ordinary run
+                resume = runs.is_run_dir(Path(sweep_dir) / chunk[0])
+                tasks.append(Task(runs=chunk, command=train_command(sweep_dir, chunk[0], resume),
+                                  log=log))
+            else:
+                tasks.append(Task(runs=chunk, command=stack_command(sweep_dir, chunk), log=log))
+    return tasks
 
 
 def plan_tasks(sweep_dir: Path, todo: list[tuple[str, str]],
@@ -619,17 +649,21 @@ def child_env(jobs: int) -> dict[str, str]:
 def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
               on_change: Callable[[list[RunStatus], str], None] | None = None,
               poll_s: float = 1.0, stop_timeout_s: float = 300.0,
-              command: CommandFn = train_command) -> SweepResult:
+              command: CommandFn = train_command, stack: int = 1) -> SweepResult:
     """Run every run that is not finished, `jobs` at a time.
 
     Ctrl+C (SIGINT) or SIGTERM stops launching, passes SIGINT to every child
     (each saves a checkpoint and exits) and waits for them; a second signal
     kills them. `on_change(statuses, message)` is called whenever a run starts
     or ends, and every `poll_s` seconds with an empty message. `command`
-    builds a run's command line (sweep folder, run name, resume?)."""
+    builds a run's command line (sweep folder, run name, resume?). With
+    `stack` K > 1, runs of equal shapes and progress train K to a process in
+    one stacked step (each still in its own run folder; logs/<first run>.log)."""
     sweep_dir = Path(sweep_dir)
     if jobs < 1:
         raise EiclError(f"--jobs {jobs}: must be at least 1")
+    if stack < 1:
+        raise EiclError(f"--stack {stack}: must be at least 1")
     notify = on_change or (lambda s, m: None)
     with Lock(sweep_dir):
         state = read_state(sweep_dir)
@@ -648,7 +682,8 @@ def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
             if not runs.is_run_dir(sweep_dir / name):
                 _prepare_fresh(sweep_dir / name)
         write_state(sweep_dir, state)
-        queue = plan_tasks(sweep_dir, todo, command)
+        queue = (plan_stacked_tasks(sweep_dir, todo, manifest, stack) if stack > 1
+                 else plan_tasks(sweep_dir, todo, command))
         active: list[Task] = []
         stopping = {"count": 0}
 

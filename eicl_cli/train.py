@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, display, runs
+from . import checkpoint, display, parallel, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import METRICS, evaluate_modes, table_rows
-from .inputs import device_data, materialise, to_device
+from .inputs import device_data, host_fields, materialise
 from .optim import learning_rate_schedule, make_optimizer
 
 
@@ -127,12 +127,19 @@ def build_model_shared(cfg: Config, key: jax.Array, image_shape: tuple[int, ...]
 
 
 def _build_train_step(cfg: Config):
+    return eqx.filter_jit(make_update(cfg), donate="all-except-first")
+
+
+def make_update(cfg: Config):
+    """The update of one run as a plain (unjitted) function, so that the
+    ordinary step jits it and the stacked step (stack.py) vmaps it over runs:
+    update(consts, model, state, opt_state, batch, step, sums) -> (model,
+    state, opt_state, sums)."""
     from .metrics import batch_metrics, loss_fn
     from .model import forward_batch
     w_interim = cfg.train.w_interim
     optimizer = make_optimizer(cfg)
 
-    @eqx.filter_jit(donate="all-except-first")
     def step_fn(consts, model, state, opt_state, batch, step, sums):
         # consts = (device data, label masks, base key): read, never donated.
         data, masks, base_key = consts
@@ -142,7 +149,7 @@ def _build_train_step(cfg: Config):
 
         def loss_of(m):
             logits, new_state = forward_batch(m, state, examples, batch["label"], key=k_model,
-                                              inference=False)
+                                              inference=False, query_only=w_interim == 0)
             return loss_fn(logits, batch["label"], w_interim), (new_state, logits)
 
         (loss, (new_state, logits)), grads = eqx.filter_value_and_grad(loss_of, has_aux=True)(model)
@@ -161,7 +168,8 @@ def _build_train_step(cfg: Config):
     return step_fn
 
 
-def _zero_sums() -> dict[str, jax.Array]:
+def zero_sums() -> dict[str, jax.Array]:
+    """The training-metric accumulators the step adds to between log lines."""
     sums = {k: jnp.zeros((), jnp.float32) for k in (*METRICS, "loss")}
     sums["count"] = jnp.zeros((), jnp.int32)
     sums["first_bad"] = jnp.full((), -1, jnp.int32)
@@ -269,7 +277,13 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
     masks = {k: jnp.asarray(v) for k, v in generator.label_masks(cfg.sequences.train_kind).items()
              if isinstance(v, np.ndarray)}
     step_fn = make_train_step(cfg)
-    consts = (data, masks, step_key)
+    # One device: as is. Several (or several hosts): batch split over a data
+    # mesh, everything else replicated (parallel.py).
+    place = parallel.Placement.for_batch(cfg.train.batch_size)
+    consts, model, state, opt_state = place.replicate(
+        ((data, masks, step_key), model, state, opt_state))
+    data = consts[0]
+    writer = parallel.is_writer()  # only process 0 writes run files
     r = cfg.run
     t0 = time.perf_counter()
 
@@ -281,6 +295,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
             raise TrainingDiverged(
                 f"parameters became non-finite before step {step}; kept the last good "
                 f"checkpoint in {runs.checkpoint_dir(run_dir)}")
+        if not writer:
+            return
         checkpoint.save(runs.checkpoint_path(run_dir, step), step=step, model=model,
                         state=state, opt_state=opt_state, config_toml=config_toml,
                         final=final, extra={"elapsed": f"{now():.3f}"})
@@ -300,13 +316,14 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
                                  cfg.eval.train_sequences, cfg.eval.batch_size, cfg.eval.seed)
         took = time.perf_counter() - started
         for mode, m in results.items():
-            runs.append_metrics(run_dir, {"kind": "eval", "step": step, "mode": mode,
-                                          "time": round(now(), 3), **m,
-                                          "sequences_per_s": m["sequences"] / max(took, 1e-9)})
+            if writer:
+                runs.append_metrics(run_dir, {"kind": "eval", "step": step, "mode": mode,
+                                              "time": round(now(), 3), **m,
+                                              "sequences_per_s": m["sequences"] / max(took, 1e-9)})
         view.eval_table(step, table_rows(cfg, results))
 
-    sums = _zero_sums()
-    batch = to_device(generator.train_batch(start))
+    sums = place.replicate(zero_sums())
+    batch = place.batch(host_fields(generator.train_batch(start)))
     last_log_step, last_log_time = start, time.perf_counter()
     with _Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
         for step in range(start, total):
@@ -314,7 +331,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
                                                      jnp.asarray(step, jnp.int32), sums)
             done = step + 1
             if done < total:  # drawn on the host while the device computes
-                batch = to_device(generator.train_batch(done))
+                batch = place.batch(host_fields(generator.train_batch(done)))
 
             if done % r.log_every == 0 or done == total or interrupt.requested:
                 host = jax.device_get(sums)
@@ -327,9 +344,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
                           "lr": float(f"{float(schedule(step)):.6g}"),
                           "loss": float(host["loss"]) / count}
                 record.update({k: float(host[k]) / count for k in METRICS})
-                runs.append_metrics(run_dir, record)
+                if writer:
+                    runs.append_metrics(run_dir, record)
                 view.log(done, record["loss"], record["accuracy_query"], sps, record["lr"])
-                sums = _zero_sums()
+                sums = place.replicate(zero_sums())
                 last_log_step, last_log_time = done, t
 
             paused = time.perf_counter()

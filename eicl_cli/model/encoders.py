@@ -21,8 +21,6 @@ from ..errors import EiclError
 from .layers import BatchNorm, Dense, fan_in_init, split, truncated_normal, zeros
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-import os as _os
-_EXP = dict(kv.split("=") for kv in _os.environ.get("EICL_EXP", "").split(",") if kv)
 
 
 def _same_out(size: int, stride: int) -> int:
@@ -30,17 +28,22 @@ def _same_out(size: int, stride: int) -> int:
 
 
 class Conv2D(eqx.Module):
-    """A 2-D convolution over NHWC input with SAME padding (Haiku's default)."""
+    """A 2-D convolution over NHWC input with SAME padding (Haiku's default).
+
+    `reads_images`: the input is the (one-channel) data itself, never trained,
+    so the backward pass computes only the weight gradient, as one GEMM."""
 
     weight: jax.Array  # (kh, kw, in, out)
     bias: jax.Array | None
     stride: int = eqx.field(static=True)
+    reads_images: bool = eqx.field(static=True)
 
     def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, key: jax.Array,
-                 *, bias: bool = False):
+                 *, bias: bool = False, reads_images: bool = False):
         self.weight = fan_in_init(key, (kernel, kernel, n_in, n_out))
         self.bias = zeros((n_out,)) if bias else None
         self.stride = stride
+        self.reads_images = reads_images
 
     def __call__(self, x: jax.Array, dtype=jnp.float32) -> jax.Array:
         kh, kw, n_in, n_out = self.weight.shape
@@ -51,13 +54,8 @@ class Conv2D(eqx.Module):
             if self.stride > 1:
                 x = x[:, ::self.stride, ::self.stride]
             y = x @ w[0, 0]
-        elif n_in == 1 and _EXP.get("conv", "taps") == "taps":
-            y = _one_channel_conv(x, w, self.stride)
-        elif n_in == 1 and _EXP.get("conv", "taps") == "taps_fwd":
-            n, h, wd, _ = x.shape
-            taps = _stem_taps(x, kh, kw, self.stride)
-            y = (taps.T @ w.reshape(kh * kw, n_out)).reshape(
-                n, _same_out(h, self.stride), _same_out(wd, self.stride), n_out)
+        elif self.reads_images and n_in == 1:
+            y = _image_conv(x, w, self.stride)
         else:
             y = _conv(x, w, self.stride)
         if self.bias is not None:
@@ -82,7 +80,7 @@ def _stem_taps(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _one_channel_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+def _image_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     """SAME convolution of one-channel NHWC data, for the ResNet's stem.
 
     The forward pass is XLA's convolution. Its weight gradient, which XLA's
@@ -93,11 +91,11 @@ def _one_channel_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     return _conv(x, w, stride)
 
 
-def _one_channel_conv_fwd(x, w, stride):
+def _image_conv_fwd(x, w, stride):
     return _conv(x, w, stride), (x, w)
 
 
-def _one_channel_conv_bwd(stride, res, dy):
+def _image_conv_bwd(stride, res, dy):
     x, w = res
     kh, kw, _, n_out = w.shape
     taps = _stem_taps(x, kh, kw, stride).astype(dy.dtype)
@@ -105,38 +103,102 @@ def _one_channel_conv_bwd(stride, res, dy):
     return jnp.zeros_like(x), dw.astype(w.dtype)
 
 
-_one_channel_conv.defvjp(_one_channel_conv_fwd, _one_channel_conv_bwd)
+_image_conv.defvjp(_image_conv_fwd, _image_conv_bwd)
 
 
-def _pool_padded(x: jax.Array) -> tuple[jax.Array, int, int]:
-    n, h, w, c = x.shape
-    oh, ow = _same_out(h, 2), _same_out(w, 2)
-    pad_h, pad_w = max((oh - 1) * 2 + 3 - h, 0), max((ow - 1) * 2 + 3 - w, 0)
-    xp = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                     (pad_w // 2, pad_w - pad_w // 2), (0, 0)), constant_values=-jnp.inf)
-    return xp, oh, ow
+def _slice(a: jax.Array, start: int, stop: int, axis: int, step: int = 1) -> jax.Array:
+    return lax.slice_in_dim(a, start, stop, step, axis)
+
+
+def _max3_choice(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Max over stride-2 windows of 3 along `axis`, SAME padding, and which
+    element holds it (int8 0/1/2 = first/middle/last of the window). For odd
+    sizes window i is x[2i-1..2i+1], for even ones x[2i..2i+2]; the -inf
+    padding is never chosen. Ties go to the middle for odd sizes, to the
+    earliest element for even ones. The edge windows (those touching the
+    padding) are computed apart and joined to the interior, so the big input
+    is read through strided views and never copied padded."""
+    n = x.shape[axis]
+    if n == 1:  # the one window holds only x[0] (in the middle)
+        return x, jnp.ones(x.shape, jnp.int8)
+    even, odd = _slice(x, 0, n, axis, 2), _slice(x, 1, n, axis, 2)
+    m = even.shape[axis]
+    pieces = []
+    if n % 2:  # odd size: first window (x[0], x[1]), last (x[n-2], x[n-1])
+        e0, o0 = _slice(even, 0, 1, axis), _slice(odd, 0, 1, axis)
+        pieces.append((jnp.maximum(e0, o0), jnp.where(e0 >= o0, 1, 2)))
+        if m > 2:
+            a, b, c = _slice(odd, 0, m - 2, axis), _slice(even, 1, m - 1, axis), \
+                _slice(odd, 1, m - 1, axis)
+            pieces.append((jnp.maximum(jnp.maximum(b, a), c),
+                           jnp.where(b >= jnp.maximum(a, c), 1, jnp.where(a >= c, 0, 2))))
+        el, ol = _slice(even, m - 1, m, axis), _slice(odd, m - 2, m - 1, axis)
+        pieces.append((jnp.maximum(el, ol), jnp.where(el >= ol, 1, 0)))
+    else:  # even size: windows (x[2i], x[2i+1], x[2i+2]), the last one (x[n-2], x[n-1])
+        if m > 1:
+            a, b, c = _slice(even, 0, m - 1, axis), _slice(odd, 0, m - 1, axis), \
+                _slice(even, 1, m, axis)
+            pieces.append((jnp.maximum(jnp.maximum(a, b), c),
+                           jnp.where(a >= jnp.maximum(b, c), 0, jnp.where(b >= c, 1, 2))))
+        el, ol = _slice(even, m - 1, m, axis), _slice(odd, m - 1, m, axis)
+        pieces.append((jnp.maximum(el, ol), jnp.where(el >= ol, 0, 1)))
+    out = jnp.concatenate([v for v, _ in pieces], axis=axis)
+    code = jnp.concatenate([c.astype(jnp.int8) for _, c in pieces], axis=axis)
+    return out, code
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max3_s2(x: jax.Array, axis: int) -> jax.Array:
+    """Max over stride-2 windows of 3 along `axis` (SAME padding, -inf).
+
+    Its gradient goes to the chosen element of each window, as
+    select-and-scatter's does, but is built from two interleaved halves
+    (every even element lies in one window, every odd one in two, or the
+    other way round for even sizes): no padded or scattered copies, and the
+    forward pass keeps only an int8 choice per output."""
+    return _max3_choice(x, axis)[0]
+
+
+def _max3_fwd(x, axis):
+    out, code = _max3_choice(x, axis)
+    return out, (code, x.shape[axis])
+
+
+def _max3_bwd(axis, res, g):
+    code, n = res
+    m = g.shape[axis]
+    zero = jnp.zeros((), g.dtype)
+    pick = lambda k: jnp.where(code == k, g, zero)  # noqa: E731
+    cat = lambda parts: jnp.concatenate(parts, axis=axis)  # noqa: E731
+    if n % 2:
+        # even x[2k]: centre of window k; odd x[2k+1]: after of k, before of k+1
+        d_even = pick(1)
+        after, before = pick(2), pick(0)
+        d_odd = _slice(after, 0, m - 1, axis) + _slice(before, 1, m, axis)
+        d_odd = cat([d_odd, jnp.zeros_like(_slice(g, 0, 1, axis))])  # pad to m for interleaving
+    else:
+        # even x[2k]: first of window k, last of window k-1; odd x[2k+1]: middle of k
+        last = pick(2)
+        d_even = pick(0) + cat([jnp.zeros_like(_slice(g, 0, 1, axis)), _slice(last, 0, m - 1, axis)])
+        d_odd = pick(1)
+    both = jnp.stack([d_even, d_odd], axis=axis + 1)
+    shape = list(g.shape)
+    shape[axis] = 2 * m
+    return (_slice(both.reshape(shape), 0, n, axis),)
+
+
+_max3_s2.defvjp(_max3_fwd, _max3_bwd)
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """3 x 3 stride-2 SAME max pool (padding counts as -inf), NHWC.
 
-    Written as maxima of strided views: lax.reduce_window's gradient
-    (select-and-scatter) is ~15x slower on CPU. Separable (rows, then
-    columns: 6 views, the second three on a half-size array). Ties split the
+    Separable (rows, then columns) maxima of strided views: lax.reduce_window's
+    gradient (select-and-scatter) is ~15x slower on CPU. Ties split the
     gradient where select-and-scatter picks one; tied inputs of a stem feature
     map come from identical image patches, so the weight gradient is the same.
     """
-    xp, oh, ow = _pool_padded(x)
-    if _EXP.get("pool", "sep") == "nine":
-        out = None
-        for i in range(3):
-            for j in range(3):
-                view = xp[:, i:i + 2 * (oh - 1) + 1:2, j:j + 2 * (ow - 1) + 1:2]
-                out = view if out is None else jnp.maximum(out, view)
-        return out
-    rows = jnp.maximum(jnp.maximum(xp[:, 0:2 * oh - 1:2], xp[:, 1:2 * oh:2]), xp[:, 2:2 * oh + 1:2])
-    return jnp.maximum(jnp.maximum(rows[:, :, 0:2 * ow - 1:2], rows[:, :, 1:2 * ow:2]),
-                       rows[:, :, 2:2 * ow + 1:2])
+    return _max3_s2(_max3_s2(x, 1), 2)
 
 
 def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.State, *,
@@ -149,9 +211,6 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
     same floating-point values) does the elementwise work and its gradient on
     a quarter of the pixels. The statistics still come from the full map."""
     y = conv(images[..., None], dtype)
-    if _EXP.get("stem", "pool_first") == "pool_after":
-        y, state = norm(y, state, inference=inference)
-        return _max_pool_3x3_s2(jax.nn.relu(y)), state
     mean, var, state = norm.statistics(y, state, inference=inference)
     a = norm.multiplier(var)
     sign = lax.stop_gradient(jnp.where(a >= 0, 1.0, -1.0))
@@ -205,7 +264,7 @@ class ResNetEncoder(eqx.Module):
                  key: jax.Array, *, flatten_superpixels: bool = False,
                  axis_name: Hashable | None = "batch", strides: Sequence[int] = (1, 2, 2, 2)):
         keys = split(key, 1 + sum(blocks_per_group))
-        self.initial_conv = Conv2D(1, 64, 7, 2, keys[0])
+        self.initial_conv = Conv2D(1, 64, 7, 2, keys[0], reads_images=True)
         self.initial_norm = BatchNorm(64, axis_name=axis_name)
         blocks, n_in, k = [], 64, 1
         for n_blocks, channels, stride in zip(blocks_per_group, channels_per_group, strides):
@@ -261,7 +320,7 @@ class ConvEncoder(eqx.Module):
         convs, n_in = [], 1
         h, w = image_shape
         for c, k in zip(channels, keys):
-            convs.append(Conv2D(n_in, c, 3, 2, k, bias=True))
+            convs.append(Conv2D(n_in, c, 3, 2, k, bias=True, reads_images=not convs))
             n_in, h, w = c, _same_out(h, 2), _same_out(w, 2)
         self.convs = tuple(convs)
         self.dense = Dense(h * w * n_in, emb_dim, keys[-1])

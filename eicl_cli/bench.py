@@ -1,0 +1,192 @@
+"""`eicl bench`: how fast this machine generates, trains and evaluates a config.
+
+Per config it measures, in one process:
+- the batch generator's training sequences per second (host, one thread);
+- the train step's compile time, apart from the steady state;
+- steady-state training steps/s and sequences/s, run exactly as the training
+  loop runs it: the next batch is drawn on the host while the device works on
+  the current step, and the host waits for the device only once, at the end
+  of the timed window (so asynchronous dispatch on a GPU is measured, not
+  defeated);
+- evaluation sequences/s (one mode, after its compilation);
+- peak host memory (RSS) and, where the device reports it, peak device memory.
+
+With `stack` K > 1 the step is the stacked one (stack.py): K replicas of the
+model, each on its own data stream, in one jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import config as config_mod
+from .config import Config
+
+# The configs `eicl bench` measures when none is given: the paper's and a small one.
+DEFAULT_CONFIGS = ("images_all_exemplars.toml", "quickstart.toml")
+
+
+def default_config_paths() -> list[Path]:
+    """The shipped paper and quickstart configs (configs/ next to the package)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return [root / name for name in DEFAULT_CONFIGS]
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", "") or d.platform
+    n = jax.device_count()
+    if d.platform == "cpu":
+        kind = f"cpu ({platform.processor() or platform.machine()})"
+    return f"{n} x {kind}" if n > 1 else kind
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak host RSS (whole process so far) and peak device bytes if reported."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    device = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        device = float(stats["peak_bytes_in_use"])
+    return {"peak_host_rss_gb": round(host / 2**30, 3),
+            "peak_device_gb": round(device / 2**30, 3) if device is not None else None}
+
+
+def _rate(fn, seconds: float) -> float:
+    """Calls per second of fn() over about `seconds`, after one warm-up call."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or calls < 3:
+        fn()
+        calls += 1
+    return calls / elapsed
+
+
+def _block(tree: Any) -> None:
+    jax.block_until_ready(jax.tree_util.tree_leaves(tree))
+
+
+def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
+                 generator_seconds: float = 1.0, eval_sequences: int | None = None,
+                 dataset: Any = None) -> dict[str, Any]:
+    """Measure one config; returns the figures as a flat JSON-ready dict."""
+    import equinox as eqx
+
+    from .data.dataset import load_dataset
+    from .data.sequences import SequenceGenerator
+    from .evaluate import evaluate_modes
+    from .inputs import device_data, to_device
+    from .model import build_model
+    from .optim import make_optimizer
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if dataset is None:
+        dataset = load_dataset(cfg)
+    b = cfg.train.batch_size
+    out: dict[str, Any] = {"config": name, "device": device_description(),
+                           "jax_backend": jax.default_backend(), "stack": stack,
+                           "batch_size": b, "image_shape": list(dataset.images.shape[1:])}
+
+    generator = SequenceGenerator(dataset, cfg)
+    counter = iter(range(10**12))
+    out["generator_sequences_per_s"] = round(
+        _rate(lambda: generator.train_batch(next(counter)), generator_seconds) * b, 1)
+
+    data = device_data(dataset, cfg)
+    image_shape = tuple(dataset.images.shape[1:])
+    masks = {k: jnp.asarray(v) for k, v in generator.label_masks(cfg.sequences.train_kind).items()
+             if isinstance(v, np.ndarray)}
+
+    if stack > 1:
+        from . import stack as stack_mod
+        cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
+                for i in range(stack)]
+        trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
+        gens = trainer.generators
+
+        def next_batch(step: int):
+            return stack_mod.stack_batches([g.train_batch(step) for g in gens])
+
+        step_fn = stack_mod.make_stacked_step(cfg)
+        consts = trainer.consts
+        carry = (trainer.model, trainer.state, trainer.opt_state, trainer.sums)
+    else:
+        from .train import make_train_step, zero_sums
+        init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
+        model, state = build_model(cfg, init_key, image_shape)
+        opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
+
+        def next_batch(step: int):
+            return to_device(generator.train_batch(step))
+
+        step_fn = make_train_step(cfg)
+        consts = (data, masks, step_key)
+        carry = (model, state, opt_state, zero_sums())
+
+    def run(first: int, n: int, carry):
+        batch = next_batch(first)
+        for step in range(first, first + n):
+            carry = step_fn(consts, *carry[:3], batch, jnp.asarray(step, jnp.int32), carry[3])
+            batch = next_batch(step + 1)  # drawn while the device computes
+        return carry
+
+    started = time.perf_counter()
+    carry = run(0, 1, carry)
+    _block(carry)
+    first_step = time.perf_counter() - started
+    carry = run(1, 1, carry)  # a second untimed step: any one-off work after compiling
+    _block(carry)
+    started = time.perf_counter()
+    carry = run(2, steps, carry)
+    _block(carry)
+    took = time.perf_counter() - started
+    step_s = took / steps
+    out["compile_s"] = round(max(first_step - step_s, 0.0), 2)
+    out["train_steps"] = steps
+    out["train_steps_per_s"] = round(steps / took, 3)
+    out["train_sequences_per_s"] = round(steps * b * stack / took, 1)
+    out["step_ms"] = round(1000 * step_s, 2)
+
+    # Evaluation of one replica: the first eval mode, after its compilation.
+    model, state = carry[0], carry[1]
+    if stack > 1:
+        from .stack import replica
+        model, state = replica(model, 0), replica(state, 0)
+    mode = cfg.eval.modes[0]
+    eval_batch = cfg.eval.batch_size
+    if jax.default_backend() == "cpu":
+        eval_batch = min(eval_batch, 128)
+    n_eval = eval_sequences or 2 * eval_batch
+    evaluate_modes(model, state, data, generator, [mode], eval_batch, eval_batch, cfg.eval.seed)
+    started = time.perf_counter()
+    evaluate_modes(model, state, data, generator, [mode], n_eval, eval_batch, cfg.eval.seed)
+    out["eval_mode"] = mode
+    out["eval_batch_size"] = eval_batch
+    out["eval_sequences_per_s"] = round(n_eval / (time.perf_counter() - started), 1)
+    out.update(peak_memory())
+    return out
+
+
+def load_for_bench(path: Path, overrides: list[str] | None = None) -> Config:
+    return config_mod.load(path, overrides or [])
+
+
+def default_steps(cfg: Config) -> int:
+    """Timed steps when --steps is not given: a few for a ResNet on a CPU
+    (seconds each), enough for a steady state elsewhere."""
+    if jax.default_backend() == "cpu" and cfg.embedding.example_encoder == "resnet":
+        return 3
+    return 100 if jax.default_backend() == "cpu" else 300

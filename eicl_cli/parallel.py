@@ -1,0 +1,94 @@
+"""Data parallelism over every local device, and over hosts.
+
+With one device nothing changes. With several (GPUs of one machine, or all
+devices of all processes after `jax.distributed.initialize`), the training
+step runs on a 1-D mesh named "data": each batch is split along its first
+axis, the parameters, optimizer and batch-norm state and the image set are
+replicated. The step itself is the same program: batch norm's statistics are
+means over the vmapped batch axis, which XLA computes across the shards, so
+they are the statistics of the global batch and a multi-device run follows
+the one-device trajectory (up to floating-point reduction order).
+
+Every process draws the same global batch (a pure function of seed and step,
+and cheap) and hands its devices their rows of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .errors import EiclError
+
+AXIS = "data"
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None,
+                           process_id: int | None, auto: bool = False) -> None:
+    """Join a multi-host run before JAX touches a device. `auto` lets JAX read
+    the cluster from the environment (SLURM, Open MPI, Cloud TPU)."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise EiclError("multi-host training needs --coordinator HOST:PORT, --num-processes N "
+                        "and --process-id I together (or --distributed to read them from "
+                        "the cluster environment)")
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise EiclError(f"--process-id {process_id} must be in 0..{num_processes - 1}")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
+def is_writer() -> bool:
+    """Only process 0 writes run files; every process computes."""
+    return jax.process_index() == 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the training step's arrays live: one device, or a data mesh."""
+
+    mesh: Mesh | None
+
+    @staticmethod
+    def for_batch(batch_size: int, devices: list | None = None) -> "Placement":
+        devices = list(devices if devices is not None else jax.devices())
+        if len(devices) == 1:
+            return Placement(None)
+        if batch_size % len(devices):
+            raise EiclError(f"train.batch_size = {batch_size} must be divisible by the "
+                            f"{len(devices)} devices it is split over")
+        return Placement(Mesh(np.asarray(devices), (AXIS,)))
+
+    @property
+    def n_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def replicate(self, tree: Any) -> Any:
+        """Every array leaf of `tree` on all devices (as is with one device)."""
+        if self.mesh is None:
+            return tree
+        sharding = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree_util.tree_map(
+            lambda x: _put(x, sharding) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
+
+    def batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The global batch's host arrays -> device arrays split along axis 0."""
+        if self.mesh is None:
+            return {k: jax.device_put(np.asarray(v)) for k, v in arrays.items()}
+        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        return {k: _put(np.asarray(v), sharding) for k, v in arrays.items()}
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Each process holds the whole (identical) global array and passes its rows.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -1,0 +1,44 @@
+"""`eicl bench`: the figures it reports, plain and stacked, on a tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train_support import TINY, eicl, make_synthetic_cache
+
+FIELDS = ("device", "generator_sequences_per_s", "compile_s", "train_steps_per_s",
+          "train_sequences_per_s", "eval_sequences_per_s", "peak_host_rss_gb")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
+
+
+def test_bench_json_reports_every_figure_plain_and_stacked(data_dir: Path):
+    proc = eicl("bench", "--config", str(TINY), "--config", str(TINY), "--steps", "3",
+                "--stack", "2", "--json", "--set", f'data.data_dir="{data_dir}"',
+                data_dir=data_dir)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["stack"] == 2 and r["train_steps"] == 3 and r["config"] == "tiny"
+        for f in FIELDS:
+            assert r[f] is not None, f
+        assert r["generator_sequences_per_s"] > 1000
+        assert r["train_sequences_per_s"] == pytest.approx(
+            r["train_steps_per_s"] * 2 * r["batch_size"], rel=0.01)
+        assert r["compile_s"] >= 0 and r["eval_sequences_per_s"] > 0
+
+
+def test_bench_table_and_bad_arguments(data_dir: Path):
+    proc = eicl("bench", "--config", str(TINY), "--steps", "2", "--set",
+                f'data.data_dir="{data_dir}"', data_dir=data_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "train steps/s" in proc.stdout and "generator sequences/s" in proc.stdout
+    bad = eicl("bench", "--config", str(TINY), "--stack", "0", data_dir=data_dir)
+    assert bad.returncode == 2 and "--stack 0" in bad.stderr
