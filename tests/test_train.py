@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,18 @@ def test_live_display_on_a_terminal(data_dir: Path, tmp_path: Path, monkeypatch)
     for needle in ("no_support_zipfian", "IWL", "fewshot_holdout", "ICL", "accuracy_query",
                    "accuracy_closed", "ceiling", "steps/s", "train acc"):
         assert needle in text, needle
+
+
+def test_symbolic_config_trains_and_evaluates(tmp_path):
+    """The shipped symbolic config (integer examples, embedding encoder) runs end to end."""
+    from train_support import eicl
+    run = tmp_path / "sym"
+    out = eicl("train", "--config", "configs/symbolic.toml", "--out", str(run),
+               "--set", "transformer.num_layers=1", "--set", "transformer.num_heads=2",
+               "--set", "run.steps=4", "--set", "run.eval_every=4", "--set", "run.log_every=2",
+               "--set", "eval.train_sequences=16", "--set", "eval.batch_size=16",
+               data_dir=tmp_path, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["mode"] for r in records if r["kind"] == "eval"} == {
+        "no_support_zipfian", "fewshot_zipfian", "fewshot_holdout"}

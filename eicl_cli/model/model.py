@@ -109,6 +109,8 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
     implies (105 x 105, 28 x 28 when downsampling, None for symbolic data)."""
     if image_shape is None:
         image_shape = default_image_shape(cfg)
+    elif len(image_shape) == 0:  # symbolic examples are scalars: images.shape[1:] == ()
+        image_shape = None
     e, t, r = cfg.embedding, cfg.transformer, cfg.rnn
     if e.concatenate_labels and cfg.train.w_interim > 0:
         # Each concatenated token holds its own image's label, so a loss on the
