@@ -179,19 +179,7 @@ def restore_for_eval(target: Path, dataset_loader=None):
     from .data.sequences import SequenceGenerator
     from .inputs import device_data
 
-    candidates, run_dir = resolve_checkpoint(target)
-    errors = []
-    for _, path in candidates:
-        try:
-            cfg = config_of_checkpoint(path)
-        except checkpoint.CheckpointMismatch:
-            raise
-        except checkpoint.CheckpointError as e:
-            if run_dir is None:
-                raise
-            display.warn(f"skipping {path.name}: {e}")
-            errors.append(str(e))
-            continue
+    def prepare(cfg: Config):
         from .train import enable_compile_cache
         enable_compile_cache(cfg)
         dataset = (dataset_loader or load_dataset)(cfg)
@@ -199,10 +187,18 @@ def restore_for_eval(target: Path, dataset_loader=None):
                 dataset.cache_sha256 != cfg.data.cache_sha256:
             display.warn(f"the data cache {dataset.cache_file} differs from the one the run "
                          "was trained with (sha256 changed)")
-        generator = SequenceGenerator(dataset, cfg)
-        data = device_data(dataset, cfg)
-        model, state = build_skeleton(cfg, tuple(dataset.images.shape[1:]))
+        skeleton = build_skeleton(cfg, tuple(dataset.images.shape[1:]))
+        return cfg, SequenceGenerator(dataset, cfg), device_data(dataset, cfg), skeleton
+
+    candidates, run_dir = resolve_checkpoint(target)
+    errors, prepared = [], None
+    for _, path in candidates:
         try:
+            cfg = config_of_checkpoint(path)
+            # The checkpoints of one run share a config: load its data once.
+            if prepared is None or prepared[0] != cfg:
+                prepared = prepare(cfg)
+            _, generator, data, (model, state) = prepared
             loaded = checkpoint.load(path, model=model, state=state)
         except checkpoint.CheckpointMismatch:
             raise
