@@ -32,7 +32,7 @@ from . import checkpoint, display, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
-from .evaluate import METRICS, evaluate_modes, table_rows
+from .evaluate import evaluate_modes, table_rows
 from .inputs import host_fields
 
 # Keys that may differ between stacked runs: they change the data stream,
@@ -180,8 +180,8 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
     from .data.dataset import load_dataset
     from .inputs import device_data
     from .optim import learning_rate_schedule
-    from .train import (TrainingDiverged, _Interrupt, _all_finite, _restore, with_cache_identity,
-                        zero_sums)
+    from .train import (TrainingDiverged, _Interrupt, _all_finite, _restore,
+                        checkpoint_and_evaluate, train_record, with_cache_identity, zero_sums)
 
     run_dirs = [Path(d) for d in run_dirs]
     names = [d.name for d in run_dirs]
@@ -280,14 +280,9 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
                         raise TrainingDiverged(
                             f"{names[i]}: training loss became non-finite (step {bad + 1}); "
                             "stopped the stack, keeping each run's last good checkpoint")
-                    count = max(int(host["count"][i]), 1)
-                    record = {"kind": "train", "step": done,
-                              "mode": cfgs[i].sequences.train_kind, "time": round(now(i), 3),
-                              "steps_per_s": round(sps, 3),
-                              "lr": float(f"{float(schedule(step)):.6g}"),
-                              "loss": float(host["loss"][i]) / count}
-                    record.update({k: float(host[k][i]) / count for k in METRICS})
-                    runs.append_metrics(run_dir, record)
+                    one = {k: v[i] for k, v in host.items()}
+                    runs.append_metrics(run_dir, train_record(cfgs[i], one, done, now(i), sps,
+                                                              float(schedule(step))))
                 view.log(done, float(np.mean(host["loss"] / np.maximum(host["count"], 1))),
                          float(np.mean(host["accuracy_query"] / np.maximum(host["count"], 1))),
                          sps, float(schedule(step)))
@@ -298,12 +293,7 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
             if interrupt.requested and done < total:
                 save(done)
                 return [done] * len(cfgs)
-            if done == total:
-                save(done, final=True)
-            elif done % r.checkpoint_every == 0:
-                save(done)
-            if done % r.eval_every == 0 or done == total:
-                evaluate(done, view)
+            checkpoint_and_evaluate(done, total, r, save, evaluate, view)
             last_log_time += time.perf_counter() - paused
     return [total] * len(cfgs)
 

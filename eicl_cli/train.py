@@ -213,6 +213,30 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def train_record(cfg: Config, sums: dict, step: int, time_s: float, steps_per_s: float,
+                 lr: float) -> dict:
+    """The metrics.jsonl line of one log interval, from its summed metrics
+    (host values of one run: `sums[k]` are scalars)."""
+    count = max(int(sums["count"]), 1)
+    record = {"kind": "train", "step": step, "mode": cfg.sequences.train_kind,
+              "time": round(time_s, 3), "steps_per_s": round(steps_per_s, 3),
+              "lr": float(f"{lr:.6g}"), "loss": float(sums["loss"]) / count}
+    record.update({k: float(sums[k]) / count for k in METRICS})
+    return record
+
+
+def checkpoint_and_evaluate(done: int, total: int, r: config_mod.RunConfig, save, evaluate,
+                            view) -> None:
+    """The end of a step: checkpoint first (so a failing evaluation loses no
+    training), then evaluate, at their intervals and at the last step."""
+    if done == total:
+        save(done, final=True)
+    elif done % r.checkpoint_every == 0:
+        save(done)
+    if done % r.eval_every == 0 or done == total:
+        evaluate(done, view)
+
+
 # ---------------------------------------------------------------- the loop
 
 def _restore(run_dir: Path, model, state, opt_state):
@@ -336,14 +360,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
             if done % r.log_every == 0 or done == total or interrupt.requested:
                 host = jax.device_get(sums)
                 check_finite(host, done)
-                count = max(int(host["count"]), 1)
                 t = time.perf_counter()
                 sps = (done - last_log_step) / max(t - last_log_time, 1e-9)
-                record = {"kind": "train", "step": done, "mode": cfg.sequences.train_kind,
-                          "time": round(now(), 3), "steps_per_s": round(sps, 3),
-                          "lr": float(f"{float(schedule(step)):.6g}"),
-                          "loss": float(host["loss"]) / count}
-                record.update({k: float(host[k]) / count for k in METRICS})
+                record = train_record(cfg, host, done, now(), sps, float(schedule(step)))
                 if writer:
                     runs.append_metrics(run_dir, record)
                 view.log(done, record["loss"], record["accuracy_query"], sps, record["lr"])
@@ -354,13 +373,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
             if interrupt.requested and done < total:
                 save(done)
                 return Outcome(run_dir, done, "interrupted")
-            # Checkpoint before evaluating, so a failing evaluation loses no training.
-            if done == total:
-                save(done, final=True)
-            elif done % r.checkpoint_every == 0:
-                save(done)
-            if done % r.eval_every == 0 or done == total:
-                evaluate(done, view)
+            checkpoint_and_evaluate(done, total, r, save, evaluate, view)
             # Evaluation and checkpoint time is not training time.
             last_log_time += time.perf_counter() - paused
     return Outcome(run_dir, total, "finished")
