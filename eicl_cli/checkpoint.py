@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import safetensors.numpy as st
 from safetensors import SafetensorError, safe_open
 
 from .errors import EiclError
-from .runs import fsync_dir
+from .runs import atomic_write_bytes
 
 FORMAT = "eicl-checkpoint"
 VERSION = "1"
@@ -101,23 +100,8 @@ def save(path: Path, *, step: int, model: Any, state: Any, opt_state: Any,
     metadata = {"format": FORMAT, "version": VERSION, "step": str(int(step)),
                 "config": config_toml, "final": "true" if final else "false",
                 "sha256": _digest(tensors), **(extra or {})}
-    data = st.save(tensors, metadata=metadata)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    slow = _slow_write_seconds(step)
-    with open(tmp, "wb") as f:
-        if slow > 0:
-            half = len(data) // 2
-            f.write(data[:half])
-            f.flush()
-            time.sleep(slow)
-            f.write(data[half:])
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write_bytes(Path(path), st.save(tensors, metadata=metadata),
+                       pause_halfway=_slow_write_seconds(step))
 
 
 def _slow_write_seconds(step: int) -> float:

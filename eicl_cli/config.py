@@ -270,14 +270,20 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read a config file, resolving its `base` chain (relative to the file)."""
+def read_toml_file(path: Path, what: str = "config") -> dict:
+    """Parse one TOML file; a missing file or a syntax error (with its line)
+    is a one-line ConfigError."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"TOML syntax error in {path}: {e}") from None
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file, resolving its `base` chain (relative to the file)."""
+    raw = read_toml_file(path)
     base = raw.pop("base", None)
     if base is None:
         return raw

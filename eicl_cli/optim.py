@@ -56,18 +56,14 @@ def learning_rate_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedu
 
 def _base_optimizer(o: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
     wd = o.weight_decay
-    if o.name == "adam":
-        opt = optax.adam(lr)
-        # Adam with weight_decay is classic L2: decay added to the gradient.
+    coupled = {"adam": optax.adam, "sgd": optax.sgd, "rmsprop": optax.rmsprop}
+    if o.name in coupled:
+        # These have no decoupled decay: weight_decay is classic L2, the decay
+        # added to the gradient before the update rule.
+        opt = coupled[o.name](lr)
         return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
     if o.name == "adamw":
         return optax.adamw(lr, weight_decay=wd)
-    if o.name == "sgd":
-        opt = optax.sgd(lr)
-        return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
-    if o.name == "rmsprop":
-        opt = optax.rmsprop(lr)
-        return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
     if o.name == "lamb":
         return optax.lamb(lr, weight_decay=wd)
     if o.name == "lion":

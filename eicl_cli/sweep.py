@@ -53,7 +53,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -129,12 +128,7 @@ def check_key(where: str, key: str) -> None:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file (keys, list shapes); configs are built by expand()."""
     path = Path(path)
-    if not path.is_file():
-        raise EiclError(f"sweep file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EiclError(f"TOML syntax error in {path}: {e}") from None
+    raw = config_mod.read_toml_file(path, "sweep")
     for k in raw:
         if k not in _TOP_KEYS:
             close = difflib.get_close_matches(k, _TOP_KEYS, n=1)
