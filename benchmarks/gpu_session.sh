@@ -22,8 +22,16 @@ ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install --no-deps --no-index -q .whl
 export PYTHONPATH=$PWD EICL_DATA_DIR=$PWD/runs/data-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" >>"$LOG" 2>&1
-eicl() { $PY -m eicl_cli.cli "$@"; }
 stamp() { echo "== $(( $(date +%s) - T0 )) s: $*" >>"$LOG"; }
+# run_for SECONDS LOGFILE CMD...: run CMD in its own process group for at most
+# SECONDS, then Ctrl+C the group (runs checkpoint and stop) and kill what is left.
+run_for() {
+  local seconds=$1 log=$2; shift 2
+  setsid "$@" >"$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq "$seconds"); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+  kill -INT -- -$pid 2>/dev/null; sleep 8; kill -KILL -- -$pid 2>/dev/null
+}
 
 stamp bench
 timeout 120 $PY -m eicl_cli.cli bench -c configs/images_all_exemplars.toml --steps 600 --json >>"$OUT/bench.jsonl" 2>>"$LOG"
@@ -34,21 +42,15 @@ timeout 150 $PY benchmarks/profile_step.py configs/images_all_exemplars.toml --s
 
 stamp tuning
 TUNE_S=$(( $(left) - 200 )); (( TUNE_S > 240 )) && TUNE_S=240  # 8 processes x 4 stacked runs: about 55 steps/s each on an H100
-setsid $PY -m eicl_cli.cli sweep benchmarks/quickstart_tuning.toml --stack 4 --jobs 8 --out /tmp/tune >/tmp/tune.log 2>&1 &
-PID=$!
-for _ in $(seq "$TUNE_S"); do kill -0 $PID 2>/dev/null || break; sleep 1; done
-kill -INT -- -$PID 2>/dev/null; sleep 8; kill -KILL -- -$PID 2>/dev/null
+run_for "$TUNE_S" /tmp/tune.log $PY -m eicl_cli.cli sweep benchmarks/quickstart_tuning.toml --stack 4 --jobs 8 --out /tmp/tune
 stamp tuning stopped
 tail -5 /tmp/tune.log >>"$LOG"
 tar czf "$OUT/tune.tar.gz" --exclude='*.safetensors' -C /tmp tune tune.log
 
 stamp paper
 PAPER_S=$(( $(left) - 15 ))
-setsid $PY -m eicl_cli.cli train -c configs/images_all_exemplars.toml --out /tmp/paper \
-  --set run.checkpoint_every=1000000 >/tmp/paper.log 2>&1 &
-PID=$!
-for _ in $(seq "$PAPER_S"); do kill -0 $PID 2>/dev/null || break; sleep 1; done
-kill -INT -- -$PID 2>/dev/null; sleep 6; kill -KILL -- -$PID 2>/dev/null
+run_for "$PAPER_S" /tmp/paper.log $PY -m eicl_cli.cli train -c configs/images_all_exemplars.toml --out /tmp/paper \
+  --set run.checkpoint_every=1000000
 stamp paper stopped
 tar czf "$OUT/paper.tar.gz" --exclude='*.safetensors' -C /tmp paper paper.log
 stamp done
