@@ -69,14 +69,21 @@ def _conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 
 def _stem_taps(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
     """(kh * kw, N * OH * OW): the SAME-padded input pixel under each kernel tap
-    at every output position, one contiguous row per tap."""
+    at every output position, one contiguous row per tap.
+
+    Written tap by tap into one buffer (dynamic_update_slice): XLA's CPU
+    concatenate of the 49 strided views ran at a third of memory speed."""
     n, h, wd, _ = x.shape
     oh, ow = _same_out(h, stride), _same_out(wd, stride)
     ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - wd, 0)
     xp = jnp.pad(x[..., 0], ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
     span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
-    return jnp.stack([xp[:, a:a + span_h:stride, b:b + span_w:stride]
-                      for a in range(kh) for b in range(kw)]).reshape(kh * kw, -1)
+    taps = jnp.zeros((kh * kw, n, oh, ow), x.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            view = xp[None, :, a:a + span_h:stride, b:b + span_w:stride]
+            taps = lax.dynamic_update_slice(taps, view, (a * kw + b, 0, 0, 0))
+    return taps.reshape(kh * kw, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
