@@ -208,6 +208,34 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return _max3_s2(_max3_s2(x, 1), 2)
 
 
+@jax.custom_vjp
+def _signed_max_pool(y: jax.Array, sign: jax.Array) -> jax.Array:
+    """_max_pool_3x3_s2(y * sign) for a per-channel sign of +-1.
+
+    The sign multiplies the incoming gradient at the pooled resolution
+    (a quarter of the pixels) rather than the outgoing one: written as
+    y * sign, XLA kept the per-channel sign broadcast to the whole stem map
+    (288 x 53 x 53 x 64 floats for the paper's batch) between the forward
+    and backward passes."""
+    return _max_pool_3x3_s2(y * sign)
+
+
+def _signed_max_pool_fwd(y, sign):
+    rows, row_code = _max3_choice(y * sign, 1)
+    out, col_code = _max3_choice(rows, 2)
+    return out, (row_code, col_code, y.shape[1], rows.shape[2], sign)
+
+
+def _signed_max_pool_bwd(res, g):
+    row_code, col_code, h, w, sign = res
+    (g_rows,) = _max3_bwd(2, (col_code, w), g * sign)
+    (dy,) = _max3_bwd(1, (row_code, h), g_rows)
+    return dy, jnp.zeros_like(sign)
+
+
+_signed_max_pool.defvjp(_signed_max_pool_fwd, _signed_max_pool_bwd)
+
+
 def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.State, *,
           inference: bool, dtype) -> tuple[jax.Array, eqx.nn.State]:
     """max_pool(relu(batch_norm(conv(images)))), with the pool taken first.
@@ -221,7 +249,7 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
     mean, var, state = norm.statistics(y, state, inference=inference)
     a = norm.multiplier(var)
     sign = lax.stop_gradient(jnp.where(a >= 0, 1.0, -1.0))
-    pooled = _max_pool_3x3_s2(y.astype(jnp.float32) * sign)
+    pooled = _signed_max_pool(y.astype(jnp.float32), sign)
     out = (pooled - sign * mean) * (a * sign) + norm.offset
     return jax.nn.relu(out).astype(y.dtype), state
 
