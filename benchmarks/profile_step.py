@@ -3,6 +3,13 @@
 events alike), largest first.
 
     python benchmarks/profile_step.py configs/quickstart.toml [--steps 50] [--set k=v ...]
+    python benchmarks/profile_step.py configs/images_all_exemplars.toml --model-only --steps 3
+
+`--model-only` profiles the model's forward and backward pass alone (random
+images, no optimizer, no data pipeline). Use it for the paper config: on the
+CPU its bench window shows only the whole step, not the XLA ops inside it.
+Each op name is also summed with its numeric suffix dropped (`fusion kind`),
+which is where the families of copies and passes show up.
 
 Needs only JAX's own profiler (its Perfetto trace); no TensorBoard plugin.
 """
@@ -13,13 +20,58 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from eicl_cli import bench
 from eicl_cli import config as config_mod
+from eicl_cli.metrics import loss_fn
+from eicl_cli.model import build_model, default_image_shape, forward_batch
+
+
+def _traced(run: Callable[[], None]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            run()
+        events = json.load(gzip.open(next(Path(tmp).rglob("*.json.gz"))))
+    return events["traceEvents"] if isinstance(events, dict) else events
+
+
+def _model_only(cfg: config_mod.Config, steps: int) -> Callable[[], None]:
+    """A jitted forward + backward of the config's model on random binary
+    images and labels of the training batch's shape, compiled and run once."""
+    image_shape = default_image_shape(cfg)
+    model, state = build_model(cfg, jax.random.key(0), image_shape)
+    rng = np.random.default_rng(0)
+    b, length = cfg.train.batch_size, cfg.sequences.seq_len
+    examples = jnp.asarray((rng.random((b, length, *image_shape)) > 0.7).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, model.num_classes, (b, length)).astype(np.int32))
+
+    @eqx.filter_jit
+    def step(m, st, examples, labels):
+        # The data are arguments, not closed-over constants: XLA would
+        # otherwise fold everything computed from the images at compile time.
+        def loss(m):
+            logits, new_state = forward_batch(m, st, examples, labels, key=None,
+                                              inference=False, query_only=True)
+            return loss_fn(logits, labels), new_state
+        return eqx.filter_value_and_grad(loss, has_aux=True)(m)
+
+    def run(n: int) -> None:
+        nonlocal state
+        for _ in range(n):
+            (_, state), grads = step(model, state, examples, labels)
+        jax.block_until_ready(grads)
+
+    run(1)  # compile outside the trace
+    return lambda: run(steps)
 
 
 def main() -> None:
@@ -28,26 +80,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--model-only", action="store_true")
     args = parser.parse_args()
     cfg = config_mod.load(args.config, args.overrides)
-    # Compile outside the trace, so the table is the steady state.
-    bench.bench_config(cfg, steps=3, generator_seconds=0.1, eval_sequences=8)
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            bench.bench_config(cfg, steps=args.steps, generator_seconds=0.1, eval_sequences=8)
-        trace = next(Path(tmp).rglob("*.json.gz"))
-        events = json.load(gzip.open(trace))
-    events = events["traceEvents"] if isinstance(events, dict) else events
+    if args.model_only:
+        run = _model_only(cfg, args.steps)
+    else:
+        # Compile outside the trace, so the table is the steady state.
+        bench.bench_config(cfg, steps=3, generator_seconds=0.1, eval_sequences=8)
+        run = lambda: bench.bench_config(  # noqa: E731
+            cfg, steps=args.steps, generator_seconds=0.1, eval_sequences=8)
+    events = _traced(run)
     total: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith("$"):  # skip Python frames
             total[e["name"]] += e.get("dur", 0)
             count[e["name"]] += 1
-    print(f"{args.config.name}: {args.steps} timed steps on {bench.device_description()}")
+    kinds: collections.Counter[str] = collections.Counter()
+    for name, us in total.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += us
+    what = "model forward + backward passes" if args.model_only else "timed steps"
+    print(f"{args.config.name}: {args.steps} {what} on {bench.device_description()}")
     print(f"{'ms/step':>9}  {'calls':>6}  op")
     for name, us in total.most_common(args.top):
         print(f"{us / 1000 / args.steps:9.3f}  {count[name]:6d}  {name[:120]}")
+    print(f"\n{'ms/step':>9}  fusion kind (numeric suffix dropped)")
+    for name, us in kinds.most_common(args.top // 2):
+        print(f"{us / 1000 / args.steps:9.3f}  {name[:120]}")
 
 
 if __name__ == "__main__":
