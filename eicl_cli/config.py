@@ -64,6 +64,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class PreprocConfig:
     downsample: bool = False  # resize 105x105 -> 28x28 before the model
+    invert: bool = False  # feed 1 - pixel: ink 1.0 on a 0.0 background (not in the paper)
 
 
 @dataclass(frozen=True)
@@ -482,6 +483,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"embedding.example_encoder = {e.example_encoder!r} does not fit data.dataset = "
             f"{d.dataset!r}; symbolic data needs 'embedding', images need resnet, linear or conv")
+    if cfg.preproc.invert and d.dataset == "symbolic":
+        raise ConfigError("preproc.invert = true needs images; data.dataset = 'symbolic' has none "
+                          "(use omniglot or synthetic)")
 
     _choice("model.kind", cfg.model.kind, SEQ_MODELS)
     _choice("model.dtype", cfg.model.dtype, DTYPES)

@@ -9,7 +9,8 @@ ships the Batch's (B, L) index arrays. Per image, in the original's order:
 3. with randomly_generate_rare, replace every rare item by a fresh random
    binary 105 x 105 image, one per rare class per sequence (`rare_slot`
    points all occurrences of a class at the same draw);
-4. add pixel noise N(0, noise_scale).
+4. add pixel noise N(0, noise_scale);
+5. with preproc.invert, feed 1 - pixel (ink 1.0 on a 0.0 background).
 
 The original draws random images and noise at 105 x 105 and resizes the
 batch afterwards. With preproc.downsample the stored images are already
@@ -48,6 +49,7 @@ class DeviceData(eqx.Module):
     symbolic: bool = eqx.field(static=True)
     noise_scale: float = eqx.field(static=True)
     random_rare: bool = eqx.field(static=True)
+    invert: bool = eqx.field(static=True, default=False)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -71,6 +73,7 @@ def device_data(dataset: Dataset, cfg: Config) -> DeviceData:
         symbolic=symbolic,
         noise_scale=0.0 if symbolic else float(cfg.sequences.noise_scale),
         random_rare=(not symbolic) and bool(cfg.sequences.randomly_generate_rare),
+        invert=(not symbolic) and bool(cfg.preproc.invert),
     )
 
 
@@ -114,4 +117,6 @@ def materialise(data: DeviceData, batch: dict[str, jax.Array], key: jax.Array) -
     if data.noise_scale > 0:
         noise = data.noise_scale * jax.random.normal(k_noise, (b, l, SOURCE_SIZE, SOURCE_SIZE))
         x = x + _at_source_size(data, noise)
+    if data.invert:
+        x = 1.0 - x
     return x

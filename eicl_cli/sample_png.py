@@ -3,7 +3,8 @@ image with its label beneath, the query framed in red.
 
 Pixels are materialised here the way the model would see them (augmentation
 variant, pixel noise, randomly generated rare images), in NumPy, so the
-picture shows what training feeds the model rather than the raw drawings.
+picture shows what training feeds the model rather than the raw drawings;
+only preproc.invert is left out, so ink stays dark and the grid stays readable.
 """
 
 from __future__ import annotations

@@ -87,6 +87,8 @@ BAD = {
     "train_kind": ("[sequences]\ntrain_kind = \"bursti\"\n", "sequences.train_kind = 'bursti' is not allowed"),
     "too_many_classes": ("[classes]\nn_rare = 1700\n", "exceeds the 1623 classes"),
     "eval_mode": ("[eval]\nmodes = [\"fewshot_holdouts\"]\n", "eval.modes entry = 'fewshot_holdouts' is not allowed"),
+    "invert_symbolic": ("[data]\ndataset = \"symbolic\"\nsymbolic_classes = 1623\n[embedding]\nexample_encoder = \"embedding\"\n"
+                        "[preproc]\ninvert = true\n", "preproc.invert = true needs images"),
 }
 
 

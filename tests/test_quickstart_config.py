@@ -13,7 +13,7 @@ from eicl_cli.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 SWEEP = ROOT / "configs" / "sweeps" / "quickstart_burstiness.toml"
-LABELS = ["p_bursty=0", "p_bursty=0.5", "p_bursty=0.9", "1623_classes", "zipf=1"]
+LABELS = ["p_bursty=0", "p_bursty=0.5", "p_bursty=0.9", "p_bursty=1", "1623_classes", "zipf=1"]
 
 
 def test_quickstart_config_is_the_cpu_model_on_augmented_omniglot() -> None:
@@ -21,29 +21,29 @@ def test_quickstart_config_is_the_cpu_model_on_augmented_omniglot() -> None:
     assert cfg.data.dataset == "omniglot" and cfg.data.augment_images
     assert (cfg.classes.n_rare, cfg.classes.n_common, cfg.classes.n_holdout) == (12700, 100, 80)
     assert cfg.classes.preserve_ordering_every_n == 8
-    assert cfg.preproc.downsample
+    assert cfg.preproc.downsample and cfg.preproc.invert
     assert cfg.embedding.example_encoder == "conv"
-    assert cfg.sequences.p_bursty == 0.9
+    assert cfg.sequences.p_bursty == 1.0
     assert "fewshot_holdout" in cfg.eval.modes and "no_support_zipfian" in cfg.eval.modes
     assert 0 < cfg.run.steps <= 50_000
     # a resolved config written back to TOML reads back equal
     assert config_mod.from_toml(config_mod.to_toml(cfg)) == cfg
 
 
-def test_quickstart_sweep_expands_to_its_five_points() -> None:
+def test_quickstart_sweep_expands_to_its_six_points() -> None:
     spec = sweep.load_sweep(SWEEP)
     runs = sweep.expand(spec)
     assert [r.values["label"] for r in runs] == LABELS
     base = config_mod.load(QUICKSTART)
     by = {r.values["label"]: r.config for r in runs}
-    assert [by[l].sequences.p_bursty for l in LABELS] == [0.0, 0.5, 0.9, 0.9, 0.9]
+    assert [by[l].sequences.p_bursty for l in LABELS] == [0.0, 0.5, 0.9, 1.0, 0.9, 0.9]
     for cfg in by.values():
         # same model, steps and eval modes as the quickstart: only the data differ
         assert cfg.run.steps == base.run.steps
         assert cfg.embedding == base.embedding and cfg.transformer == base.transformer
         assert cfg.optimizer == base.optimizer and cfg.train == base.train
-        assert cfg.eval.modes == base.eval.modes
-    assert by["p_bursty=0.9"].replace(run=base.run) == base.replace(run=base.run)
+        assert cfg.eval.modes == base.eval.modes and cfg.preproc == base.preproc
+    assert by["p_bursty=1"].replace(run=base.run) == base.replace(run=base.run)
     plain = by["1623_classes"]
     assert not plain.data.augment_images and plain.num_classes == 1623
     assert by["zipf=1"].classes.zipf_exponent == 1.0
@@ -56,5 +56,5 @@ def test_quickstart_sweep_dry_run_lists_its_points(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     for label in LABELS:
         assert label in result.output
-    assert "5 pending" in result.output
+    assert "6 pending" in result.output
     assert not out.exists()  # a dry run writes nothing

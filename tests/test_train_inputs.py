@@ -58,6 +58,21 @@ def test_no_augmentation_ignores_variant(ds):
     assert np.array_equal(x, ds.images[np.asarray(batch["image_index"])].astype(np.float32))
 
 
+def test_invert_feeds_one_minus_pixel_after_noise(ds):
+    """Inversion is the last step, so noise is inverted too."""
+    def cfg(invert, noise):
+        return config.from_dict({"data": {"dataset": "synthetic", "n_to_keep": 10},
+                                 "classes": {"n_rare": 4, "n_common": 3, "n_holdout": 3},
+                                 "sequences": {"noise_scale": noise}, "preproc": {"invert": invert}})
+    batch = _batch(ds)
+    a = np.asarray(materialise(device_data(ds, cfg(False, 0.3)), batch, jax.random.key(4)))
+    b = np.asarray(materialise(device_data(ds, cfg(True, 0.3)), batch, jax.random.key(4)))
+    np.testing.assert_allclose(b, 1.0 - a, atol=1e-6)
+    clean = np.asarray(materialise(device_data(ds, cfg(True, 0.0)), batch, jax.random.key(4)))
+    expect = 1.0 - ds.images[np.asarray(batch["image_index"])].astype(np.float32)
+    assert np.array_equal(clean, expect) and clean.min() == 0.0 and clean.max() == 1.0
+
+
 def test_random_rare_images_are_shared_within_a_sequence(ds):
     data = device_data(ds, _cfg(randomly_generate_rare=True))
     # Sequence 0: a rare class at positions 0, 2, 4 (first at 0); another at 3.
