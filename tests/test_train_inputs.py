@@ -14,10 +14,10 @@ from eicl_cli.data.synthetic import synthetic_dataset
 from eicl_cli.inputs import SOURCE_SIZE, device_data, materialise
 
 
-def _cfg(**seq) -> config.Config:
+def _cfg(preproc: dict | None = None, **seq) -> config.Config:
     return config.from_dict({"data": {"dataset": "synthetic", "n_to_keep": 10},
                              "classes": {"n_rare": 4, "n_common": 3, "n_holdout": 3},
-                             "sequences": seq})
+                             "sequences": seq, "preproc": preproc or {}})
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,7 @@ def test_no_augmentation_ignores_variant(ds):
 def test_invert_feeds_one_minus_pixel_after_noise(ds):
     """Inversion is the last step, so noise is inverted too."""
     def cfg(invert, noise):
-        return config.from_dict({"data": {"dataset": "synthetic", "n_to_keep": 10},
-                                 "classes": {"n_rare": 4, "n_common": 3, "n_holdout": 3},
-                                 "sequences": {"noise_scale": noise}, "preproc": {"invert": invert}})
+        return _cfg({"invert": invert}, noise_scale=noise)
     batch = _batch(ds)
     a = np.asarray(materialise(device_data(ds, cfg(False, 0.3)), batch, jax.random.key(4)))
     b = np.asarray(materialise(device_data(ds, cfg(True, 0.3)), batch, jax.random.key(4)))
