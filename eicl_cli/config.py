@@ -39,6 +39,8 @@ ENCODERS = ("resnet", "linear", "embedding", "conv")
 SEQ_MODELS = ("transformer", "lstm", "vanilla_rnn")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lamb", "lion")
 SCHEDULES = ("rsqrt", "constant", "cosine")
+# dense: the paper's head; tied: logits through the label table; both: their sum.
+LABEL_HEADS = ("dense", "tied", "both")
 DTYPES = ("float32", "bfloat16")
 
 # Omniglot class counts per split, before exemplar and augmentation changes.
@@ -105,6 +107,9 @@ class EmbeddingConfig:
     flatten_superpixels: bool = False
     example_dropout_prob: float = 0.0
     concatenate_labels: bool = False
+    # Not the paper's: a LayerNorm on each example embedding before it becomes a token.
+    normalize_examples: bool = False
+    label_head: str = "dense"  # dense (the paper's) | tied | both: see model.layers.TiedHead
     use_positional_encodings: bool = True
     positional_dropout_prob: float = 0.0
     resnet_blocks_per_group: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
@@ -467,6 +472,7 @@ def validate(cfg: Config) -> None:
                           "polysemy applies to rare classes only")
 
     _choice("embedding.example_encoder", e.example_encoder, ENCODERS)
+    _choice("embedding.label_head", e.label_head, LABEL_HEADS)
     if e.emb_dim < 2 or e.emb_dim % 2:
         raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be even and >= 2 "
                           "(sinusoidal positional encodings pair sines and cosines)")

@@ -414,3 +414,96 @@ def test_query_only_logits_equal_the_query_row_of_all_logits(kind, concat):
     assert full.shape == (3, 5, N_CLASSES) and query.shape == (3, 1, N_CLASSES)
     np.testing.assert_allclose(np.asarray(query[:, 0]), np.asarray(full[:, -1]), rtol=1e-6,
                                atol=1e-6)
+
+
+# ---------------------------------------------------------------- label heads
+
+def test_tied_head_logits_are_the_label_table_times_the_output():
+    cfg = tiny_cfg("linear", embedding={"label_head": "tied"})
+    model, state = build_model(cfg, jax.random.PRNGKey(0), IMAGE)
+    assert dict(parameter_counts(model))["head"] == N_CLASSES + 1  # the bias and the scale
+    untied, _ = build_model(tiny_cfg("linear"), jax.random.PRNGKey(0), IMAGE)
+    assert dict(parameter_counts(untied))["head"] == 8 * N_CLASSES + N_CLASSES
+    both, _ = build_model(tiny_cfg("linear", embedding={"label_head": "both"}),
+                          jax.random.PRNGKey(0), IMAGE)
+    assert dict(parameter_counts(both))["head"] == 8 * N_CLASSES + N_CLASSES + 1
+    # The logits are scale * h @ table.T + bias: moving one label's row moves
+    # that label's logit, by the dot product with the final features.
+    examples, labels = tiny_inputs(cfg)
+    delta = jnp.zeros(8).at[0].set(1.0)
+    moved = eqx.tree_at(lambda m: m.tokenizer.label_table, model,
+                        model.tokenizer.label_table.at[4].add(delta))
+    # Label 4 must not be shown, or its token (and so the features) would move too.
+    labels = jnp.where(labels[:, :-1] == 4, 5, labels[:, :-1])
+    labels = jnp.concatenate([labels, jnp.full((3, 1), 4)], axis=1)
+    before, _ = forward_batch(model, state, examples, labels, key=None, inference=True,
+                              query_only=True)
+    after, _ = forward_batch(moved, state, examples, labels, key=None, inference=True,
+                             query_only=True)
+    diff = np.asarray(after - before)[:, 0]
+    assert np.abs(np.delete(diff, 4, axis=-1)).max() < 1e-6
+    assert np.abs(diff[:, 4]).min() > 1e-4
+
+
+def test_both_head_starts_as_the_dense_head():
+    dense, state = build_model(tiny_cfg("linear"), jax.random.PRNGKey(0), IMAGE)
+    both, _ = build_model(tiny_cfg("linear", embedding={"label_head": "both"}),
+                          jax.random.PRNGKey(0), IMAGE)
+    assert float(both.head.scale) == 0.0
+    examples, labels = tiny_inputs(tiny_cfg("linear"))
+    a, _ = forward_batch(dense, state, examples, labels, key=None, inference=True)
+    b, _ = forward_batch(both, state, examples, labels, key=None, inference=True)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["tied", "both"])
+def test_tied_head_trains_a_label_row_from_the_target_alone(head):
+    # A label that is only ever the query's target is never embedded as a
+    # token, so only the tied readout can send its row a gradient.
+    cfg = tiny_cfg("linear", embedding={"label_head": head})
+    model, state = build_model(cfg, jax.random.PRNGKey(0), IMAGE)
+    if head == "both":
+        model = eqx.tree_at(lambda m: m.head.scale, model, jnp.asarray(1.0))
+    examples, labels = tiny_inputs(cfg)
+    labels = jnp.where(labels == 7, 6, labels).at[:, -1].set(7)
+
+    def loss(m):
+        logits, _ = forward_batch(m, state, examples, labels, key=None, inference=True,
+                                  query_only=True)
+        return -jax.nn.log_softmax(logits[:, 0])[:, 7].mean()
+
+    g = eqx.filter_grad(loss)(model)
+    assert float(jnp.abs(g.tokenizer.label_table[7]).max()) > 0
+    assert float(jnp.abs(g.head.scale)) > 0
+
+
+@pytest.mark.parametrize("kind,concat", [("transformer", True), ("lstm", False)])
+def test_tied_head_needs_an_emb_dim_wide_output(kind, concat):
+    cfg = tiny_cfg("linear", kind, concat, embedding={"label_head": "tied"},
+                   rnn={"hidden_size": 12})
+    with pytest.raises(EiclError, match="label_head"):
+        build_model(cfg, jax.random.PRNGKey(0), IMAGE)
+
+
+def test_unknown_label_head_is_refused():
+    with pytest.raises(EiclError, match="'shared'.*dense, tied, both"):
+        tiny_cfg("linear", embedding={"label_head": "shared"})
+
+
+def test_normalize_examples_gives_every_image_token_the_same_scale():
+    cfg = tiny_cfg("linear", embedding={"normalize_examples": True,
+                                        "use_positional_encodings": False})
+    model, state = build_model(cfg, jax.random.PRNGKey(0), IMAGE)
+    assert dict(parameter_counts(model))["example LayerNorm"] == 2 * 8
+    examples, _ = tiny_inputs(cfg)
+    # Faint and heavy images (a tenth and ten times the ink) give embeddings
+    # of very different sizes, and tokens of the same size.
+    x = jnp.stack([0.1 * examples[0], 10.0 * examples[0]])
+    h, _ = jax.vmap(lambda e: model.encoder(e, state, inference=True), axis_name="batch")(x)
+    sizes = np.asarray(h.std(-1))
+    assert sizes[1].min() > 5 * sizes[0].max()
+    normed = np.asarray(model.example_norm(h))
+    np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normed.var(-1), 1.0, rtol=1e-2)
+    plain, _ = build_model(tiny_cfg("linear"), jax.random.PRNGKey(0), IMAGE)
+    assert plain.example_norm is None and "example LayerNorm" not in dict(parameter_counts(plain))

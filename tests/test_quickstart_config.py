@@ -22,7 +22,8 @@ def test_quickstart_config_is_the_cpu_model_on_augmented_omniglot() -> None:
     assert (cfg.classes.n_rare, cfg.classes.n_common, cfg.classes.n_holdout) == (12700, 100, 80)
     assert cfg.classes.preserve_ordering_every_n == 8
     assert cfg.preproc.downsample and cfg.preproc.invert
-    assert cfg.embedding.example_encoder == "conv"
+    assert cfg.embedding.example_encoder == "conv" and cfg.embedding.normalize_examples
+    assert cfg.embedding.label_head == "dense"  # the paper's head
     assert cfg.sequences.p_bursty == 1.0
     assert "fewshot_holdout" in cfg.eval.modes and "no_support_zipfian" in cfg.eval.modes
     assert 0 < cfg.run.steps <= 50_000

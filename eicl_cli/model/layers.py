@@ -91,6 +91,36 @@ class Dense(eqx.Module):
         return y
 
 
+class TiedHead(eqx.Module):
+    """Logits read out through the label table itself (`embedding.label_head`):
+    y = scale * x @ table.T (+ x @ w for "both") + b. A label's tied row trains
+    whenever the label is shown as well as when it is the target, and copying
+    a shown label's embedding scores that label whatever its index. The rows
+    start tiny (std 0.02), so the learned scalar `scale` starts at
+    1 / (0.02 * sqrt(emb_dim)) for "tied", where the logits then start at the
+    untied head's size (std about 1), and at 0 for "both", which then starts
+    as the paper's dense head."""
+
+    bias: jax.Array  # (num_classes,)
+    scale: jax.Array  # ()
+    weight: jax.Array | None  # (emb_dim, num_classes) for "both"
+
+    def __init__(self, num_classes: int, emb_dim: int, table_std: float, key: jax.Array,
+                 *, dense: bool):
+        self.bias = zeros((num_classes,))
+        self.weight = variance_scaling_init(key, (emb_dim, num_classes)) if dense else None
+        start = 0.0 if dense else 1.0 / (table_std * emb_dim ** 0.5)
+        self.scale = jnp.asarray(start, jnp.float32)
+
+    def __call__(self, x: jax.Array, table: jax.Array, dtype=jnp.float32) -> jax.Array:
+        n = self.bias.shape[0]
+        # One matmul against the summed weights, not two: x @ w + s x @ t.T.
+        w = self.scale * table[:n].T
+        if self.weight is not None:
+            w = w + self.weight
+        return x.astype(dtype) @ w.astype(dtype) + self.bias.astype(dtype)
+
+
 class LayerNorm(eqx.Module):
     """LayerNorm over the last axis with scale and offset (Haiku's defaults,
     eps 1e-5). Statistics are always computed in float32."""

@@ -15,9 +15,9 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import EiclError
 from .encoders import Encoder, build_encoder
-from .layers import Dense, dropout, split
+from .layers import Dense, LayerNorm, TiedHead, dropout, split
 from .rnn import RNNStack
-from .tokens import Tokenizer, image_positions
+from .tokens import LABEL_TABLE_STD, Tokenizer, image_positions
 from .transformer import Transformer
 
 BATCH_AXIS = "batch"
@@ -30,9 +30,10 @@ class Model(eqx.Module):
     running statistics live in the eqx.nn.State that build_model returns."""
 
     encoder: Encoder
+    example_norm: LayerNorm | None
     tokenizer: Tokenizer
     core: Transformer | RNNStack
-    head: Dense
+    head: Dense | TiedHead
     kind: str = eqx.field(static=True)  # transformer | lstm | vanilla_rnn
     encoder_name: str = eqx.field(static=True)
     example_dropout_prob: float = eqx.field(static=True)
@@ -40,7 +41,7 @@ class Model(eqx.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.head.weight.shape[1]
+        return self.head.bias.shape[0]
 
     def __call__(self, examples: jax.Array, labels: jax.Array, state: eqx.nn.State, *,
                  key: jax.Array | None, inference: bool, pos_key: jax.Array | None = None,
@@ -60,6 +61,8 @@ class Model(eqx.Module):
         else:
             k_example = k_pos = k_core = None
         h, state = self.encoder(examples, state, inference=inference, dtype=dtype)
+        if self.example_norm is not None:
+            h = self.example_norm(h)
         # As the original, example dropout is noise on the inputs, not a
         # regulariser: it applies at evaluation too.
         h = dropout(k_example, self.example_dropout_prob, h.astype(dtype))
@@ -69,7 +72,11 @@ class Model(eqx.Module):
         positions = image_positions(labels.shape[0], self.tokenizer.concatenate_labels)
         if query_only:
             positions = positions[-1:]
-        return self.head(out[positions], dtype).astype(jnp.float32), state
+        if isinstance(self.head, TiedHead):
+            logits = self.head(out[positions], self.tokenizer.label_table, dtype)
+        else:
+            logits = self.head(out[positions], dtype)
+        return logits.astype(jnp.float32), state
 
 
 def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels: jax.Array,
@@ -147,8 +154,17 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
     if cfg.model.dtype not in _DTYPES:
         raise EiclError(f"model.dtype = {cfg.model.dtype!r} is not allowed; "
                         f"choose one of: {', '.join(_DTYPES)}")
-    model = Model(encoder=encoder, tokenizer=tokenizer, core=core,
-                  head=Dense(head_in, num_classes, k_head, init="variance_scaling"),
+    if e.label_head == "dense":
+        head = Dense(head_in, num_classes, k_head, init="variance_scaling")
+    elif head_in != e.emb_dim:
+        raise EiclError(f"embedding.label_head = {e.label_head!r} needs the head's input to "
+                        f"be emb_dim wide ({e.emb_dim}), not {head_in}; use \"dense\", or "
+                        "interleaved tokens (and rnn.hidden_size = emb_dim for RNNs)")
+    else:
+        head = TiedHead(num_classes, e.emb_dim, LABEL_TABLE_STD, k_head,
+                        dense=e.label_head == "both")
+    example_norm = LayerNorm(e.emb_dim) if e.normalize_examples else None
+    model = Model(encoder=encoder, example_norm=example_norm, tokenizer=tokenizer, core=core, head=head,
                   kind=kind, encoder_name=e.example_encoder,
                   example_dropout_prob=e.example_dropout_prob, compute_dtype=cfg.model.dtype)
     state = eqx.nn.State(model)
@@ -167,6 +183,8 @@ def parameter_counts(model: Model) -> list[tuple[str, int]]:
     Batch-norm running statistics are state, not parameters, and not counted."""
     rows = [("label table", _count(model.tokenizer)),
             (f"encoder ({model.encoder_name})", _count(model.encoder))]
+    if model.example_norm is not None:
+        rows.append(("example LayerNorm", _count(model.example_norm)))
     if isinstance(model.core, Transformer):
         rows += [(f"transformer block {i + 1}", _count(model.core.block(i)))
                  for i in range(model.core.num_layers)]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from .layers import dropout, truncated_normal
 
 POSITIONAL_BASE = 30.0
+LABEL_TABLE_STD = 0.02
 
 
 def positional_encodings(n_tokens: int, dim: int, base: float = POSITIONAL_BASE) -> jax.Array:
@@ -51,7 +52,7 @@ class Tokenizer(eqx.Module):
                  concatenate_labels: bool = False, use_positional_encodings: bool = True,
                  positional_dropout_prob: float = 0.0):
         rows = num_classes + (1 if concatenate_labels else 0)
-        self.label_table = truncated_normal(key, (rows, emb_dim), 0.02)
+        self.label_table = truncated_normal(key, (rows, emb_dim), LABEL_TABLE_STD)
         self.concatenate_labels = concatenate_labels
         self.use_positional_encodings = use_positional_encodings
         self.positional_dropout_prob = positional_dropout_prob
