@@ -59,7 +59,7 @@ def main() -> None:
     if args.blocks:
         images = np.asarray(gen.dataset.images)
         rare = np.asarray(gen.split.rare)
-        first_images = gen._class_images[rare[::8]]  # each block's unaugmented class
+        first_images = gen.dataset.class_images[rare[::8]]  # each block's unaugmented class
         ink = 1.0 - images[first_images].mean(axis=(1, 2, 3))
         rng = np.random.default_rng(1)
         blocks = rng.choice(len(rare) // 8, args.blocks, replace=False)

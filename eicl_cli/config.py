@@ -506,6 +506,15 @@ def validate(cfg: Config) -> None:
     _at_least("rnn.num_layers", cfg.rnn.num_layers, 1)
     _at_least("rnn.hidden_size", cfg.rnn.hidden_size, 1)
     _prob("rnn.dropout_prob", cfg.rnn.dropout_prob)
+    if e.label_head != "dense":
+        # The tied readout multiplies the head's input by label-table rows.
+        head_in = (cfg.rnn.hidden_size if cfg.model.kind != "transformer"
+                   else e.emb_dim * (2 if e.concatenate_labels else 1))
+        if head_in != e.emb_dim:
+            raise ConfigError(
+                f"embedding.label_head = {e.label_head!r} needs the head's input to be emb_dim "
+                f"wide ({e.emb_dim}), not {head_in}; use \"dense\", or interleaved tokens "
+                "(and rnn.hidden_size = emb_dim for RNNs)")
 
     o = cfg.optimizer
     _choice("optimizer.name", o.name, OPTIMIZERS)

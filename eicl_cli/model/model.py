@@ -156,16 +156,12 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
                         f"choose one of: {', '.join(_DTYPES)}")
     if e.label_head == "dense":
         head = Dense(head_in, num_classes, k_head, init="variance_scaling")
-    elif head_in != e.emb_dim:
-        raise EiclError(f"embedding.label_head = {e.label_head!r} needs the head's input to "
-                        f"be emb_dim wide ({e.emb_dim}), not {head_in}; use \"dense\", or "
-                        "interleaved tokens (and rnn.hidden_size = emb_dim for RNNs)")
-    else:
+    else:  # config.validate has checked that head_in == emb_dim
         head = TiedHead(num_classes, e.emb_dim, LABEL_TABLE_STD, k_head,
                         dense=e.label_head == "both")
     example_norm = LayerNorm(e.emb_dim) if e.normalize_examples else None
-    model = Model(encoder=encoder, example_norm=example_norm, tokenizer=tokenizer, core=core, head=head,
-                  kind=kind, encoder_name=e.example_encoder,
+    model = Model(encoder=encoder, example_norm=example_norm, tokenizer=tokenizer, core=core,
+                  head=head, kind=kind, encoder_name=e.example_encoder,
                   example_dropout_prob=e.example_dropout_prob, compute_dtype=cfg.model.dtype)
     state = eqx.nn.State(model)
     # The initial state now lives in `state`; drop the copy inside the model
