@@ -91,18 +91,27 @@ def main() -> None:
         run = lambda: bench.bench_config(  # noqa: E731
             cfg, steps=args.steps, generator_seconds=0.1, eval_sequences=8)
     events = _traced(run)
+    processes = {e["pid"]: e.get("args", {}).get("name", "")
+                 for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     total: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
+    by_process: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith("$"):  # skip Python frames
             total[e["name"]] += e.get("dur", 0)
             count[e["name"]] += 1
+            by_process[processes.get(e.get("pid"), "?")] += e.get("dur", 0)
     kinds: collections.Counter[str] = collections.Counter()
     for name, us in total.items():
         kinds[re.sub(r"\.\d+$", "", name)] += us
     what = "model forward + backward passes" if args.model_only else "timed steps"
     print(f"{args.config.name}: {args.steps} {what} on {bench.device_description()}")
-    print(f"{'ms/step':>9}  {'calls':>6}  op")
+    # On a GPU the device's kernels are a process of their own: their sum
+    # against the step's wall time says whether the device or the host waits.
+    print(f"{'ms/step':>9}  events summed per trace process")
+    for name, us in by_process.most_common():
+        print(f"{us / 1000 / args.steps:9.3f}  {name[:120]}")
+    print(f"\n{'ms/step':>9}  {'calls':>6}  op")
     for name, us in total.most_common(args.top):
         print(f"{us / 1000 / args.steps:9.3f}  {count[name]:6d}  {name[:120]}")
     print(f"\n{'ms/step':>9}  fusion kind (numeric suffix dropped)")

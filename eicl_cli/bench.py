@@ -87,6 +87,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
     from .evaluate import evaluate_modes
+    from .flat_step import Carry
     from .inputs import device_data, to_device
     from .model import build_model
     from .optim import make_optimizer
@@ -122,7 +123,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
 
         step_fn = stack_mod.make_stacked_step(cfg)
         consts = trainer.consts
-        carry = (trainer.model, trainer.state, trainer.opt_state, trainer.sums)
+        carry = (trainer.carry, trainer.sums)
     else:
         from .train import make_train_step, zero_sums
         init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
@@ -134,24 +135,24 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
 
         step_fn = make_train_step(cfg)
         consts = (data, masks, step_key)
-        carry = (model, state, opt_state, zero_sums())
+        carry = (Carry.pack(model, state, opt_state), zero_sums())
 
     def run(first: int, n: int, carry):
         batch = next_batch(first)
         for step in range(first, first + n):
-            carry = step_fn(consts, *carry[:3], batch, jnp.asarray(step, jnp.int32), carry[3])
+            carry = step_fn(consts, carry[0], batch, jnp.asarray(step, jnp.int32), carry[1])
             batch = next_batch(step + 1)  # drawn while the device computes
         return carry
 
     started = time.perf_counter()
     carry = run(0, 1, carry)
-    _block(carry)
+    _block((carry[0].leaves, carry[1]))
     first_step = time.perf_counter() - started
     carry = run(1, 1, carry)  # a second untimed step: any one-off work after compiling
-    _block(carry)
+    _block((carry[0].leaves, carry[1]))
     started = time.perf_counter()
     carry = run(2, steps, carry)
-    _block(carry)
+    _block((carry[0].leaves, carry[1]))
     took = time.perf_counter() - started
     step_s = took / steps
     out["compile_s"] = round(max(first_step - step_s, 0.0), 2)
@@ -161,7 +162,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
     out["step_ms"] = round(1000 * step_s, 2)
 
     # Evaluation of one replica: the first eval mode, after its compilation.
-    model, state = carry[0], carry[1]
+    model, state, _ = carry[0].unpack()
     if stack > 1:
         from .stack import replica
         model, state = replica(model, 0), replica(state, 0)

@@ -33,6 +33,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import evaluate_modes, table_rows
+from .flat_step import Carry, FlatStep
 from .inputs import host_fields
 
 # Keys that may differ between stacked runs: they change the data stream,
@@ -104,18 +105,17 @@ def _regraft(like: Any, tree: Any) -> Any:
 _STACKED_STEPS: dict[str, Any] = {}
 
 
-def make_stacked_step(cfg: Config):
+def make_stacked_step(cfg: Config) -> FlatStep:
     """The jitted update of K runs of `cfg`'s shapes at once:
-    step(consts, models, states, opt_states, batches, step, sums), consts =
-    (shared device data, stacked masks, stacked keys). Arguments after the
-    first are donated."""
+    step(consts, carry, batches, step, sums) -> (carry, sums), consts =
+    (shared device data, stacked masks, stacked keys), the carry holding the
+    stacked models, states and optimizer states. Carry and sums are donated."""
     from .train import _step_identity, make_update
     identity = _step_identity(cfg)
     if identity not in _STACKED_STEPS:
         update = make_update(cfg)
         in_axes = ((None, 0, 0), 0, 0, 0, 0, None, 0)
-        _STACKED_STEPS[identity] = eqx.filter_jit(eqx.filter_vmap(update, in_axes=in_axes),
-                                                  donate="all-except-first")
+        _STACKED_STEPS[identity] = FlatStep(eqx.filter_vmap(update, in_axes=in_axes))
     return _STACKED_STEPS[identity]
 
 
@@ -126,10 +126,12 @@ class StackedState:
     cfgs: list[Config]
     generators: list[Any]
     consts: Any
-    model: Any
-    state: Any
-    opt_state: Any
+    carry: Carry  # the stacked models, states and optimizer states
     sums: Any
+
+    def trees(self) -> tuple[Any, Any, Any]:
+        """(stacked model, stacked state, stacked optimizer state)."""
+        return self.carry.unpack()
 
     @staticmethod
     def fresh(cfgs: list[Config], dataset: Any, data: Any) -> "StackedState":
@@ -157,16 +159,15 @@ class StackedState:
             cfgs=list(cfgs), generators=gens,
             consts=(data, stack_trees([{n: jnp.asarray(v) for n, v in m.items()} for m in masks]),
                     jnp.stack(keys)),
-            model=stack_trees(models), state=stack_trees(states), opt_state=stack_trees(opts),
+            carry=Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts)),
             sums=stack_trees([zero_sums() for _ in range(k)]))
 
     def batch(self, step: int) -> dict[str, jax.Array]:
         return stack_batches([g.train_batch(step) for g in self.generators])
 
-    def step(self, step_fn, batch: dict[str, jax.Array], step: int) -> None:
-        self.model, self.state, self.opt_state, self.sums = step_fn(
-            self.consts, self.model, self.state, self.opt_state, batch,
-            jnp.asarray(step, jnp.int32), self.sums)
+    def step(self, step_fn: FlatStep, batch: dict[str, jax.Array], step: int) -> None:
+        self.carry, self.sums = step_fn(self.consts, self.carry, batch,
+                                        jnp.asarray(step, jnp.int32), self.sums)
 
 
 # ---------------------------------------------------------------- training
@@ -195,15 +196,16 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
 
     starts, elapsed = [], []
     models, states, opts = [], [], []
+    fresh = stacked.trees()
     for i, run_dir in enumerate(run_dirs):
-        restored = _restore(run_dir, replica(stacked.model, i), replica(stacked.state, i),
-                            replica(stacked.opt_state, i))
+        mine = [replica(tree, i) for tree in fresh]
+        restored = _restore(run_dir, *mine)
         if restored is None:
             starts.append(0)
             elapsed.append(0.0)
-            models.append(replica(stacked.model, i))
-            states.append(replica(stacked.state, i))
-            opts.append(replica(stacked.opt_state, i))
+            models.append(mine[0])
+            states.append(mine[1])
+            opts.append(mine[2])
         else:
             starts.append(restored.step)
             elapsed.append(float(restored.metadata.get("elapsed", 0.0)))
@@ -216,8 +218,7 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
                         "continue them separately or in groups of equal steps")
     start = starts[0]
     if start > 0:
-        stacked.model, stacked.state = stack_trees(models), stack_trees(states)
-        stacked.opt_state = stack_trees(opts)
+        stacked.carry = Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts))
     for run_dir, cfg, text in zip(run_dirs, cfgs, tomls):
         runs.truncate_metrics(run_dir, start)
         if (run_dir / runs.CONFIG_FILE).read_text() != text:
@@ -235,21 +236,23 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
         return elapsed[i] + time.perf_counter() - t0
 
     def save(step: int, final: bool = False) -> None:
+        models, states, opt_states = stacked.trees()
         for i, run_dir in enumerate(run_dirs):
-            model = replica(stacked.model, i)
+            model = replica(models, i)
             if not _all_finite(model):
                 raise TrainingDiverged(f"{names[i]}: parameters became non-finite before step "
                                        f"{step}; kept the last good checkpoint")
             checkpoint.save(runs.checkpoint_path(run_dir, step), step=step, model=model,
-                            state=replica(stacked.state, i),
-                            opt_state=replica(stacked.opt_state, i), config_toml=tomls[i],
+                            state=replica(states, i),
+                            opt_state=replica(opt_states, i), config_toml=tomls[i],
                             final=final, extra={"elapsed": f"{now(i):.3f}"})
             checkpoint.prune(runs.list_checkpoints(run_dir), r.keep_checkpoints)
 
     def evaluate(step: int, view: display.TrainDisplay) -> None:
+        models, states, _ = stacked.trees()
         for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
             started = time.perf_counter()
-            results = evaluate_modes(replica(stacked.model, i), replica(stacked.state, i), data,
+            results = evaluate_modes(replica(models, i), replica(states, i), data,
                                      stacked.generators[i], list(cfg.eval.modes),
                                      cfg.eval.train_sequences, cfg.eval.batch_size,
                                      cfg.eval.seed)

@@ -35,6 +35,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import METRICS, evaluate_modes, table_rows
+from .flat_step import Carry, FlatStep
 from .inputs import device_data, host_fields, materialise
 from .optim import learning_rate_schedule, make_optimizer
 
@@ -110,10 +111,10 @@ def _step_identity(cfg: Config) -> str:
     return config_mod.to_toml(neutral)
 
 
-def make_train_step(cfg: Config):
-    """The jitted update for this config (one per config and process). Its
-    arguments after the first are donated: the caller must use only the
-    returned model / state / optimizer state / sums."""
+def make_train_step(cfg: Config) -> FlatStep:
+    """The jitted update for this config (one per config and process):
+    step(consts, carry, batch, step, sums) -> (carry, sums). The carry and
+    sums are donated: the caller must use only the returned ones."""
     identity = _step_identity(cfg)
     if identity not in _STEP_CACHE:
         _STEP_CACHE[identity] = _build_train_step(cfg)
@@ -140,8 +141,8 @@ def build_model_shared(cfg: Config, key: jax.Array, image_shape: tuple[int, ...]
     return regraft(model0, model), regraft(state0, state)
 
 
-def _build_train_step(cfg: Config):
-    return eqx.filter_jit(make_update(cfg), donate="all-except-first")
+def _build_train_step(cfg: Config) -> FlatStep:
+    return FlatStep(make_update(cfg))
 
 
 def make_update(cfg: Config):
@@ -321,6 +322,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
     consts, model, state, opt_state = place.replicate(
         ((data, masks, step_key), model, state, opt_state))
     data = consts[0]
+    carry = Carry.pack(model, state, opt_state)
     writer = parallel.is_writer()  # only process 0 writes run files
     r = cfg.run
     t0 = time.perf_counter()
@@ -329,6 +331,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
         return elapsed_before + time.perf_counter() - t0
 
     def save(step: int, final: bool = False) -> None:
+        model, state, opt_state = carry.unpack()
         if not _all_finite(model):
             raise TrainingDiverged(
                 f"parameters became non-finite before step {step}; kept the last good "
@@ -349,6 +352,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
                 f"checkpoint in {runs.checkpoint_dir(run_dir)} (try a lower optimizer.max_lr)")
 
     def evaluate(step: int, view: display.TrainDisplay) -> None:
+        model, state, _ = carry.unpack()
         started = time.perf_counter()
         results = evaluate_modes(model, state, data, generator, list(cfg.eval.modes),
                                  cfg.eval.train_sequences, cfg.eval.batch_size, cfg.eval.seed)
@@ -365,8 +369,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
     last_log_step, last_log_time = start, time.perf_counter()
     with _Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
         for step in range(start, total):
-            model, state, opt_state, sums = step_fn(consts, model, state, opt_state, batch,
-                                                     jnp.asarray(step, jnp.int32), sums)
+            carry, sums = step_fn(consts, carry, batch, jnp.asarray(step, jnp.int32), sums)
             done = step + 1
             if done < total:  # drawn on the host while the device computes
                 batch = place.batch(host_fields(generator.train_batch(done)))
