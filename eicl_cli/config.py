@@ -154,6 +154,9 @@ class OptimizerConfig:
 class TrainConfig:
     batch_size: int = 32
     w_interim: float = 0.0  # weight on the context images' predictions
+    # Evaluate with an exponential moving average of the parameters, this
+    # decay per step (0 = off: evaluate the trained parameters themselves).
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -527,6 +530,14 @@ def validate(cfg: Config) -> None:
 
     _at_least("train.batch_size", cfg.train.batch_size, 1)
     _prob("train.w_interim", cfg.train.w_interim)
+    if cfg.embedding.concatenate_labels and cfg.train.w_interim > 0:
+        # Each concatenated token holds its own image's label, so a loss on the
+        # context predictions would be trivial; the original refuses it too.
+        raise ConfigError(f"train.w_interim = {cfg.train.w_interim} needs interleaved tokens; "
+                          "set it to 0 or embedding.concatenate_labels = false")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay = {cfg.train.ema_decay} must be in [0, 1) "
+                          "(0 = no moving average)")
 
     if not cfg.eval.modes:
         raise ConfigError(f"eval.modes is empty; choose from: {', '.join(EVAL_MODES)}")

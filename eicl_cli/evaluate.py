@@ -30,6 +30,7 @@ from .errors import EiclError
 from .inputs import DeviceData, materialise, to_device
 
 from .metrics import METRIC_NAMES as METRICS  # the SPEC 8 metrics, in display order
+from .optim import evaluation_model, make_optimizer
 
 
 def role(mode: str) -> str:
@@ -199,7 +200,12 @@ def restore_for_eval(target: Path, dataset_loader=None):
             if prepared is None or prepared[0] != cfg:
                 prepared = prepare(cfg)
             _, generator, data, (model, state) = prepared
-            loaded = checkpoint.load(path, model=model, state=state)
+            # The parameters' moving average, if the run kept one, lives in
+            # the optimizer state: load that too, and evaluate the average.
+            opt_state = None
+            if cfg.train.ema_decay > 0:
+                opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
+            loaded = checkpoint.load(path, model=model, state=state, opt_state=opt_state)
         except checkpoint.CheckpointMismatch:
             raise
         except checkpoint.CheckpointError as e:
@@ -208,7 +214,8 @@ def restore_for_eval(target: Path, dataset_loader=None):
             display.warn(f"skipping {path.name}: {e}")
             errors.append(str(e))
             continue
-        return Restored(cfg, loaded.model, loaded.state, loaded.step, path), data, generator
+        model = evaluation_model(loaded.model, loaded.opt_state)
+        return Restored(cfg, model, loaded.state, loaded.step, path), data, generator
     raise EiclError(f"no intact checkpoint in {runs.checkpoint_dir(run_dir)} "
                     f"({len(errors)} corrupt)")
 

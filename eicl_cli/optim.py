@@ -11,6 +11,10 @@ very first update uses lr = 0 and the peak max_lr is reached at t = warmup.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -71,10 +75,47 @@ def _base_optimizer(o: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTra
     raise ValueError(f"unknown optimizer {o.name!r}")  # validated in config.py
 
 
+class ParamsEMA(NamedTuple):
+    """The moving average of the parameters, kept in the optimizer state."""
+
+    ema: Any
+
+
+def track_params_ema(decay: float) -> optax.GradientTransformation:
+    """Leaves the updates as they are and keeps ema <- decay * ema + (1 - decay)
+    * (params + updates), starting from the initial parameters. It must come
+    last in a chain, where the updates are final. Living in the optimizer
+    state, the average is checkpointed, resumed and stacked with it."""
+
+    def init(params):
+        # A copy: the step donates its inputs, and one buffer must not be donated twice.
+        return ParamsEMA(jax.tree_util.tree_map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+        return updates, ParamsEMA(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """The configured optimizer, with global-norm clipping first when clip_level > 0."""
+    """The configured optimizer, with global-norm clipping first when
+    clip_level > 0 and the parameters' moving average last when ema_decay > 0."""
     o = cfg.optimizer
     opt = _base_optimizer(o, learning_rate_schedule(o, cfg.run.steps))
     if o.clip_level > 0:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_level), opt)
+    if cfg.train.ema_decay > 0:
+        opt = optax.chain(opt, track_params_ema(cfg.train.ema_decay))
     return opt
+
+
+def evaluation_model(model: Any, opt_state: Any) -> Any:
+    """The model to evaluate: its parameters replaced by their moving average
+    where the optimizer keeps one (train.ema_decay > 0), else the model."""
+    found = [s for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, ParamsEMA)) if isinstance(s, ParamsEMA)]
+    if not found:
+        return model
+    return eqx.combine(found[0].ema, model)

@@ -34,6 +34,7 @@ from .config import Config
 from .errors import EiclError
 from .evaluate import evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep
+from .optim import evaluation_model
 from .inputs import host_fields
 
 # Keys that may differ between stacked runs: they change the data stream,
@@ -249,7 +250,8 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
             checkpoint.prune(runs.list_checkpoints(run_dir), r.keep_checkpoints)
 
     def evaluate(step: int, view: display.TrainDisplay) -> None:
-        models, states, _ = stacked.trees()
+        models, states, opt_states = stacked.trees()
+        models = evaluation_model(models, opt_states)
         for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
             started = time.perf_counter()
             results = evaluate_modes(replica(models, i), replica(states, i), data,

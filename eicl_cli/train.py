@@ -37,7 +37,7 @@ from .errors import EiclError
 from .evaluate import METRICS, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep
 from .inputs import device_data, host_fields, materialise
-from .optim import learning_rate_schedule, make_optimizer
+from .optim import evaluation_model, learning_rate_schedule, make_optimizer
 
 
 class TrainingDiverged(EiclError):
@@ -352,7 +352,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
                 f"checkpoint in {runs.checkpoint_dir(run_dir)} (try a lower optimizer.max_lr)")
 
     def evaluate(step: int, view: display.TrainDisplay) -> None:
-        model, state, _ = carry.unpack()
+        model, state, opt_state = carry.unpack()
+        model = evaluation_model(model, opt_state)
         started = time.perf_counter()
         results = evaluate_modes(model, state, data, generator, list(cfg.eval.modes),
                                  cfg.eval.train_sequences, cfg.eval.batch_size, cfg.eval.seed)

@@ -119,11 +119,6 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
     elif len(image_shape) == 0:  # symbolic examples are scalars: images.shape[1:] == ()
         image_shape = None
     e, t, r = cfg.embedding, cfg.transformer, cfg.rnn
-    if e.concatenate_labels and cfg.train.w_interim > 0:
-        # Each concatenated token holds its own image's label, so a loss on the
-        # context predictions would be trivial; the original refuses it too.
-        raise EiclError(f"train.w_interim = {cfg.train.w_interim} needs interleaved tokens; "
-                        "set it to 0 or embedding.concatenate_labels = false")
     num_classes = config_mod.num_classes(cfg)
     k_enc, k_lab, k_core, k_head = split(key, 4)
     encoder = build_encoder(
