@@ -78,19 +78,71 @@ def _block(tree: Any) -> None:
     jax.block_until_ready(jax.tree_util.tree_leaves(tree))
 
 
+class StepRunner:
+    """Training steps of one config (or K stacked copies of it, seeds
+    seed..seed+K-1) exactly as the training loop runs them: the next batch
+    is drawn on the host while the device works, and the host waits for the
+    device only at the end of `run`."""
+
+    def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
+        import equinox as eqx
+
+        from .flat_step import Carry
+        from .inputs import to_device
+        from .model import build_model
+        from .optim import make_optimizer
+
+        self.stack = stack
+        if stack > 1:
+            from . import stack as stack_mod
+            cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
+                    for i in range(stack)]
+            trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
+            gens = trainer.generators
+            self._next_batch = lambda step: stack_mod.stack_batches(
+                [g.train_batch(step) for g in gens])
+            self._step_fn = stack_mod.make_stacked_step(cfg)
+            self._consts = trainer.consts
+            self.carry, self.sums = trainer.carry, trainer.sums
+        else:
+            from .train import make_train_step, zero_sums
+            init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
+            model, state = build_model(cfg, init_key, tuple(dataset.images.shape[1:]))
+            opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
+            masks = {k: jnp.asarray(v)
+                     for k, v in generator.label_masks(cfg.sequences.train_kind).items()
+                     if isinstance(v, np.ndarray)}
+            self._next_batch = lambda step: to_device(generator.train_batch(step))
+            self._step_fn = make_train_step(cfg)
+            self._consts = (data, masks, step_key)
+            self.carry, self.sums = Carry.pack(model, state, opt_state), zero_sums()
+
+    def run(self, first: int, n: int) -> None:
+        """Steps first .. first + n - 1, then wait for the device."""
+        batch = self._next_batch(first)
+        for step in range(first, first + n):
+            self.carry, self.sums = self._step_fn(self._consts, self.carry, batch,
+                                                  jnp.asarray(step, jnp.int32), self.sums)
+            batch = self._next_batch(step + 1)  # drawn while the device computes
+        _block((self.carry.leaves, self.sums))
+
+    def model_and_state(self) -> tuple[Any, Any]:
+        """The (first) run's model and batch-norm state."""
+        model, state, _ = self.carry.unpack()
+        if self.stack > 1:
+            from .stack import replica
+            model, state = replica(model, 0), replica(state, 0)
+        return model, state
+
+
 def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
                  generator_seconds: float = 1.0, eval_sequences: int | None = None,
                  dataset: Any = None) -> dict[str, Any]:
     """Measure one config; returns the figures as a flat JSON-ready dict."""
-    import equinox as eqx
-
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
     from .evaluate import evaluate_modes
-    from .flat_step import Carry
-    from .inputs import device_data, to_device
-    from .model import build_model
-    from .optim import make_optimizer
+    from .inputs import device_data
 
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -107,52 +159,13 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
         _rate(lambda: generator.train_batch(next(counter)), generator_seconds) * b, 1)
 
     data = device_data(dataset, cfg)
-    image_shape = tuple(dataset.images.shape[1:])
-    masks = {k: jnp.asarray(v) for k, v in generator.label_masks(cfg.sequences.train_kind).items()
-             if isinstance(v, np.ndarray)}
-
-    if stack > 1:
-        from . import stack as stack_mod
-        cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
-                for i in range(stack)]
-        trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
-        gens = trainer.generators
-
-        def next_batch(step: int):
-            return stack_mod.stack_batches([g.train_batch(step) for g in gens])
-
-        step_fn = stack_mod.make_stacked_step(cfg)
-        consts = trainer.consts
-        carry = (trainer.carry, trainer.sums)
-    else:
-        from .train import make_train_step, zero_sums
-        init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
-        model, state = build_model(cfg, init_key, image_shape)
-        opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
-
-        def next_batch(step: int):
-            return to_device(generator.train_batch(step))
-
-        step_fn = make_train_step(cfg)
-        consts = (data, masks, step_key)
-        carry = (Carry.pack(model, state, opt_state), zero_sums())
-
-    def run(first: int, n: int, carry):
-        batch = next_batch(first)
-        for step in range(first, first + n):
-            carry = step_fn(consts, carry[0], batch, jnp.asarray(step, jnp.int32), carry[1])
-            batch = next_batch(step + 1)  # drawn while the device computes
-        return carry
-
+    runner = StepRunner(cfg, dataset, data, generator, stack)
     started = time.perf_counter()
-    carry = run(0, 1, carry)
-    _block((carry[0].leaves, carry[1]))
+    runner.run(0, 1)
     first_step = time.perf_counter() - started
-    carry = run(1, 1, carry)  # a second untimed step: any one-off work after compiling
-    _block((carry[0].leaves, carry[1]))
+    runner.run(1, 1)  # a second untimed step: any one-off work after compiling
     started = time.perf_counter()
-    carry = run(2, steps, carry)
-    _block((carry[0].leaves, carry[1]))
+    runner.run(2, steps)
     took = time.perf_counter() - started
     step_s = took / steps
     out["compile_s"] = round(max(first_step - step_s, 0.0), 2)
@@ -162,10 +175,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
     out["step_ms"] = round(1000 * step_s, 2)
 
     # Evaluation of one replica: the first eval mode, after its compilation.
-    model, state, _ = carry[0].unpack()
-    if stack > 1:
-        from .stack import replica
-        model, state = replica(model, 0), replica(state, 0)
+    model, state = runner.model_and_state()
     mode = cfg.eval.modes[0]
     eval_batch = cfg.eval.batch_size
     if jax.default_backend() == "cpu":
