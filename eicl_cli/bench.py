@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import config as config_mod
 from .config import Config
@@ -87,6 +86,7 @@ class StepRunner:
     def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
         import equinox as eqx
 
+        from .evaluate import device_label_masks
         from .flat_step import Carry
         from .inputs import to_device
         from .model import build_model
@@ -109,12 +109,10 @@ class StepRunner:
             init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
             model, state = build_model(cfg, init_key, tuple(dataset.images.shape[1:]))
             opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
-            masks = {k: jnp.asarray(v)
-                     for k, v in generator.label_masks(cfg.sequences.train_kind).items()
-                     if isinstance(v, np.ndarray)}
             self._next_batch = lambda step: to_device(generator.train_batch(step))
             self._step_fn = make_train_step(cfg)
-            self._consts = (data, masks, step_key)
+            self._consts = (data, device_label_masks(generator, cfg.sequences.train_kind),
+                            step_key)
             self.carry, self.sums = Carry.pack(model, state, opt_state), zero_sums()
 
     def run(self, first: int, n: int) -> None:

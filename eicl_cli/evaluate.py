@@ -97,14 +97,20 @@ def _eval_batch(model: Any, state: Any, data: DeviceData, batch: dict[str, jax.A
     return {k: sums[k] + n * jnp.asarray(m[k], jnp.float32) for k in METRICS}
 
 
+def device_label_masks(generator: Any, kind: str) -> dict[str, jax.Array]:
+    """The generator's label masks for `kind` sequences (the label ranges the
+    metrics split answers by), on the device."""
+    return {k: jnp.asarray(v) for k, v in generator.label_masks(kind).items()
+            if isinstance(v, np.ndarray)}
+
+
 def evaluate_modes(model: Any, state: Any, data: DeviceData, generator: Any, modes: list[str],
                    n: int, batch_size: int, seed: int) -> dict[str, dict[str, float]]:
     """{mode: {metric: mean over the mode's fixed n sequences, 'sequences': n}}."""
     out = {}
     for mode in modes:
         polysemy = polysemy_factor(generator.cfg, mode)
-        masks = {k: jnp.asarray(v) for k, v in generator.label_masks(mode).items()
-                 if isinstance(v, np.ndarray)}
+        masks = device_label_masks(generator, mode)
         base = _mode_key(seed, mode)
         sums = {k: jnp.zeros((), jnp.float32) for k in METRICS}
         count = 0

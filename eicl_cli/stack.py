@@ -34,8 +34,8 @@ from .config import Config
 from .errors import EiclError
 from .evaluate import evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep
-from .optim import evaluation_model
 from .inputs import host_fields
+from .optim import evaluation_model
 
 # Keys that may differ between stacked runs: they change the data stream,
 # the seeds or the bookkeeping, never an array shape or the compiled step.

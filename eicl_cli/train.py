@@ -28,13 +28,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import checkpoint, display, parallel, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
-from .evaluate import METRICS, evaluate_modes, table_rows
+from .evaluate import METRICS, device_label_masks, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep
 from .inputs import device_data, host_fields, materialise
 from .optim import evaluation_model, learning_rate_schedule, make_optimizer
@@ -313,8 +312,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
     if start >= total:
         return Outcome(run_dir, start, "already_done")
 
-    masks = {k: jnp.asarray(v) for k, v in generator.label_masks(cfg.sequences.train_kind).items()
-             if isinstance(v, np.ndarray)}
+    masks = device_label_masks(generator, cfg.sequences.train_kind)
     step_fn = make_train_step(cfg)
     # One device: as is. Several (or several hosts): batch split over a data
     # mesh, everything else replicated (parallel.py).

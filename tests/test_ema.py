@@ -14,23 +14,14 @@ import optax
 import pytest
 
 from eicl_cli import checkpoint, config, runs
-from eicl_cli import train as train_mod
 from eicl_cli.evaluate import evaluate_modes, restore_for_eval
 from eicl_cli.optim import ParamsEMA, evaluation_model, make_optimizer, track_params_ema
-from train_support import eicl, make_synthetic_cache, tensors, tiny
+from train_support import eicl, make_synthetic_cache, tensors, tiny, train_run
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_synthetic_cache(tmp_path_factory.mktemp("data"))
-
-
-def _run(cfg: config.Config, run_dir: Path, resume: bool = False) -> train_mod.Outcome:
-    if not resume:
-        cfg = train_mod.resolved_config(cfg)
-        runs.new_run_dir(cfg, None, run_dir)
-        runs.write_config(run_dir, cfg)
-    return train_mod.train(cfg, run_dir, resume=resume, live=False)
 
 
 def test_the_average_follows_its_recurrence_and_leaves_the_updates_alone():
@@ -76,7 +67,7 @@ def test_training_evaluates_the_average_and_eicl_eval_restores_it(data_dir: Path
     cfg = tiny(data_dir, "train.ema_decay=0.9", "run.steps=30", "run.eval_every=30",
                "run.checkpoint_every=30", "optimizer.schedule=\"constant\"")
     run = tmp_path / "run"
-    assert _run(cfg, run).step == 30
+    assert train_run(cfg, run).step == 30
     restored, data, generator = restore_for_eval(run)
     names = tensors(runs.checkpoint_path(run, 30))
     ema_names = [k for k in names if k.startswith("opt.") and ".ema." in k]
@@ -104,9 +95,9 @@ def test_resume_with_the_average_is_bit_exact(data_dir: Path, tmp_path: Path):
     cfg = tiny(data_dir, "train.ema_decay=0.95", "run.steps=12", "run.checkpoint_every=6",
                "run.eval_every=6", "run.log_every=3", "eval.train_sequences=32",
                "eval.batch_size=32")
-    _run(cfg, tmp_path / "whole")
-    _run(cfg.replace(run=dataclasses.replace(cfg.run, steps=6)), tmp_path / "split")
-    _run(cfg, tmp_path / "split", resume=True)
+    train_run(cfg, tmp_path / "whole")
+    train_run(cfg.replace(run=dataclasses.replace(cfg.run, steps=6)), tmp_path / "split")
+    train_run(cfg, tmp_path / "split", resume=True)
     a = tensors(runs.checkpoint_path(tmp_path / "whole", 12))
     b = tensors(runs.checkpoint_path(tmp_path / "split", 12))
     assert sorted(a) == sorted(b)

@@ -12,20 +12,12 @@ import pytest
 from eicl_cli import checkpoint, config, runs
 from eicl_cli import train as train_mod
 from eicl_cli.errors import EiclError
-from train_support import make_synthetic_cache, tensors, tiny
+from train_support import make_synthetic_cache, tensors, tiny, train_run
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_synthetic_cache(tmp_path_factory.mktemp("data"))
-
-
-def _run(cfg: config.Config, run_dir: Path, resume: bool = False) -> train_mod.Outcome:
-    if not resume:
-        cfg = train_mod.resolved_config(cfg)
-        runs.new_run_dir(cfg, None, run_dir)
-        runs.write_config(run_dir, cfg)
-    return train_mod.train(cfg, run_dir, resume=resume, live=False)
 
 
 def _with_steps(cfg: config.Config, steps: int) -> config.Config:
@@ -39,7 +31,7 @@ def test_loss_falls_and_query_accuracy_rises(data_dir: Path, tmp_path: Path):
     cfg = tiny(data_dir, "run.steps=300", "run.log_every=50", "run.eval_every=300",
                "run.checkpoint_every=300", "sequences.p_bursty=0.0",
                "optimizer.schedule=\"constant\"", "train.batch_size=32")
-    out = _run(cfg, tmp_path / "run")
+    out = train_run(cfg, tmp_path / "run")
     assert out.status == "finished" and out.step == 300
     train = runs.read_metrics(tmp_path / "run", kind="train")
     assert [r["step"] for r in train] == [50, 100, 150, 200, 250, 300]
@@ -63,10 +55,10 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path):
                "embedding.resnet_channels_per_group=[]",
                "run.steps=12", "run.checkpoint_every=3", "run.eval_every=100",
                "run.log_every=3", "eval.train_sequences=32", "eval.batch_size=32")
-    whole = _run(cfg, tmp_path / "whole")
-    half = _run(_with_steps(cfg, 6), tmp_path / "split")
+    whole = train_run(cfg, tmp_path / "whole")
+    half = train_run(_with_steps(cfg, 6), tmp_path / "split")
     assert (whole.step, half.step) == (12, 6)
-    resumed = _run(cfg, tmp_path / "split", resume=True)
+    resumed = train_run(cfg, tmp_path / "split", resume=True)
     assert resumed.step == 12
     a = tensors(runs.checkpoint_path(tmp_path / "whole", 12))
     b = tensors(runs.checkpoint_path(tmp_path / "split", 12))
@@ -85,12 +77,12 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path):
 def test_resume_skips_a_corrupt_newest_checkpoint(data_dir: Path, tmp_path: Path, capsys):
     cfg = tiny(data_dir, "run.steps=20", "run.checkpoint_every=10", "run.eval_every=100")
     run = tmp_path / "run"
-    _run(cfg, run)
+    train_run(cfg, run)
     newest = runs.checkpoint_path(run, 20)
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated
     (runs.checkpoint_dir(run) / "step_00000030.safetensors.tmp").write_bytes(b"half")
     capsys.readouterr()
-    out = _run(_with_steps(cfg, 30), run, resume=True)
+    out = train_run(_with_steps(cfg, 30), run, resume=True)
     err = capsys.readouterr().err
     assert "skipping step_00000020.safetensors" in err and "corrupt or truncated" in err
     assert out.step == 30
@@ -101,10 +93,10 @@ def test_resume_skips_a_corrupt_newest_checkpoint(data_dir: Path, tmp_path: Path
 
 def test_resume_with_a_different_model_is_refused(data_dir: Path, tmp_path: Path):
     cfg = tiny(data_dir, "run.steps=10", "run.eval_every=100")
-    _run(cfg, tmp_path / "run")
+    train_run(cfg, tmp_path / "run")
     wider = tiny(data_dir, "run.steps=20", "embedding.emb_dim=48")
     with pytest.raises(checkpoint.CheckpointMismatch) as e:
-        _run(wider, tmp_path / "run", resume=True)
+        train_run(wider, tmp_path / "run", resume=True)
     assert "shape" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -114,7 +106,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(data_dir: Path, tmp
                "optimizer.schedule=\"constant\"", "run.steps=40", "run.log_every=1",
                "run.checkpoint_every=1", "run.eval_every=100")
     with pytest.raises(train_mod.TrainingDiverged) as e:
-        _run(cfg, tmp_path / "run")
+        train_run(cfg, tmp_path / "run")
     msg = str(e.value)
     assert "non-finite" in msg and "step" in msg and "\n" not in msg
     assert isinstance(e.value, EiclError)
@@ -129,10 +121,10 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(data_dir: Path, tmp
 def test_checkpoints_are_pruned_to_keep_plus_final(data_dir: Path, tmp_path: Path):
     cfg = tiny(data_dir, "run.steps=45", "run.checkpoint_every=10", "run.keep_checkpoints=2",
                "run.eval_every=100")
-    _run(cfg, tmp_path / "run")
+    train_run(cfg, tmp_path / "run")
     assert [s for s, _ in runs.list_checkpoints(tmp_path / "run")] == [40, 45]
     assert checkpoint.read_metadata(runs.checkpoint_path(tmp_path / "run", 45))["final"] == "true"
-    _run(_with_steps(cfg, 80), tmp_path / "run", resume=True)
+    train_run(_with_steps(cfg, 80), tmp_path / "run", resume=True)
     # 45 was a final checkpoint: it survives later pruning.
     assert [s for s, _ in runs.list_checkpoints(tmp_path / "run")] == [45, 70, 80]
 

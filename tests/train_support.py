@@ -25,6 +25,18 @@ def tiny(data_dir: Path, *overrides: str) -> config.Config:
     return config.load(TINY, [f'data.data_dir="{data_dir}"', *overrides])
 
 
+def train_run(cfg: config.Config, run_dir: Path, resume: bool = False):
+    """Train a run folder in this process, as `eicl train` does: a new folder
+    gets the resolved config first; resume=True continues the folder."""
+    from eicl_cli import runs
+    from eicl_cli import train as train_mod
+    if not resume:
+        cfg = train_mod.resolved_config(cfg)
+        runs.new_run_dir(cfg, None, run_dir)
+        runs.write_config(run_dir, cfg)
+    return train_mod.train(cfg, run_dir, resume=resume, live=False)
+
+
 def eicl(*args: str, data_dir: Path, env: dict | None = None, timeout: float = 300,
          **popen) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (stdout is a pipe: plain log lines)."""
