@@ -146,9 +146,15 @@ def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, meta
 
 
+def _is_tensor_slot(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _fill(prefix: str, skeleton: Any, tensors: dict[str, np.ndarray], path: Path) -> Any:
-    """Return `skeleton` with each array leaf replaced by the tensor of the same name."""
-    arrays, static = eqx.partition(skeleton, eqx.is_array)
+    """Return `skeleton` with each array leaf replaced by the tensor of the same name.
+    A leaf may also be a jax.ShapeDtypeStruct (a skeleton from jax.eval_shape),
+    so nothing needs allocating just to be overwritten."""
+    arrays, static = eqx.partition(skeleton, _is_tensor_slot)
     flat, treedef = jax.tree_util.tree_flatten_with_path(arrays)
     new_leaves = []
     for keypath, leaf in flat:

@@ -208,9 +208,12 @@ def restore_for_eval(target: Path, dataset_loader=None):
             _, generator, data, (model, state) = prepared
             # The parameters' moving average, if the run kept one, lives in
             # the optimizer state: load that too, and evaluate the average.
+            # Its skeleton is abstract (shapes only): nothing is allocated
+            # for the Adam moments before the checkpoint's arrive.
             opt_state = None
             if cfg.train.ema_decay > 0:
-                opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
+                opt_state = jax.eval_shape(make_optimizer(cfg).init,
+                                           eqx.filter(model, eqx.is_inexact_array))
             loaded = checkpoint.load(path, model=model, state=state, opt_state=opt_state)
         except checkpoint.CheckpointMismatch:
             raise

@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from train_support import TINY, eicl, make_synthetic_cache
+from train_support import TINY, eicl
 
 FIELDS = ("device", "generator_sequences_per_s", "compile_s", "train_steps_per_s",
           "train_sequences_per_s", "eval_sequences_per_s", "peak_host_rss_gb")
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def test_bench_json_reports_every_figure_plain_and_stacked(data_dir: Path):

@@ -79,6 +79,22 @@ def test_roundtrip_restores_every_leaf(tmp_path: Path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_an_abstract_optimizer_skeleton_loads_the_same_arrays(tmp_path: Path):
+    # `eicl eval` reads a run's parameter average from its optimizer state and
+    # builds that skeleton with jax.eval_shape, allocating nothing.
+    model, state, opt_state = _trained()
+    path = tmp_path / "step_00000003.safetensors"
+    checkpoint.save(path, step=3, model=model, state=state, opt_state=opt_state, config_toml="")
+    skel_model, skel_state, opt, _ = _make(seed=1)
+    abstract = jax.eval_shape(opt.init, eqx.filter(skel_model, eqx.is_inexact_array))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(abstract))
+    got = checkpoint.load(path, model=skel_model, state=skel_state, opt_state=abstract)
+    a, b = _leaves(opt_state), _leaves(got.opt_state)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path: Path):
     model, state, opt_state = _trained()
     path = tmp_path / "c.safetensors"

@@ -16,12 +16,8 @@ import pytest
 from eicl_cli import checkpoint, config, runs
 from eicl_cli.evaluate import evaluate_modes, restore_for_eval
 from eicl_cli.optim import ParamsEMA, evaluation_model, make_optimizer, track_params_ema
-from train_support import eicl, make_synthetic_cache, tensors, tiny, train_run
+from train_support import eicl, tensors, tiny, train_run
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def test_the_average_follows_its_recurrence_and_leaves_the_updates_alone():

@@ -11,14 +11,10 @@ from typer.testing import CliRunner
 from eicl_cli import runs
 from eicl_cli.cli import app
 from eicl_cli.evaluate import fewshot_ceiling
-from train_support import TINY, make_synthetic_cache
+from train_support import TINY
 
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from eicl_cli import parallel, runs
 from eicl_cli.errors import EiclError
-from train_support import TINY, eicl, make_synthetic_cache, tensors
+from train_support import TINY, eicl, tensors
 
 # A one-group ResNet, so batch norm's statistics must be those of the global
 # batch for the two runs to agree; dropout and noise exercise the step keys.
@@ -18,10 +18,6 @@ OVERRIDES = ["embedding.example_encoder=\"resnet\"", "embedding.resnet_blocks_pe
              "transformer.dropout_prob=0.1", "run.steps=6", "run.log_every=1",
              "run.eval_every=6", "run.checkpoint_every=6", "train.batch_size=8"]
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def _train(data_dir: Path, out: Path, devices: int) -> list[float]:

@@ -11,7 +11,7 @@ import pytest
 from eicl_cli import config, runs, stack
 from eicl_cli import train as train_mod
 from eicl_cli.errors import EiclError
-from train_support import make_synthetic_cache, tensors, tiny
+from train_support import tensors, tiny
 
 # A one-group ResNet: batch norm must reduce over each run's own batch only.
 MODEL = ["embedding.example_encoder=\"resnet\"", "embedding.resnet_blocks_per_group=[1]",
@@ -23,10 +23,6 @@ POINTS = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=0.9", "
           ("sequences.p_bursty=1.0", "run.seed=0"),
           ("classes.zipf_exponent=1.0", "run.seed=2")]
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def _configs(data_dir: Path, steps: int) -> list[config.Config]:

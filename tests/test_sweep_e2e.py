@@ -19,14 +19,10 @@ from typer.testing import CliRunner
 
 from eicl_cli import runs, sweep
 from eicl_cli.cli import app
-from train_support import TINY, make_synthetic_cache
+from train_support import TINY
 
 STEPS = 400
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def _sweep_cli(sweep_file: Path, out: Path, data_dir: Path) -> subprocess.Popen:

@@ -10,12 +10,8 @@ from typer.testing import CliRunner
 
 from eicl_cli import runs, sweep
 from eicl_cli.cli import app
-from train_support import TINY, make_synthetic_cache
+from train_support import TINY
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def _sweep_file(tmp_path: Path, steps: int, extra_zip: str = "") -> Path:

@@ -12,12 +12,8 @@ import pytest
 from eicl_cli import checkpoint, config, runs
 from eicl_cli import train as train_mod
 from eicl_cli.errors import EiclError
-from train_support import make_synthetic_cache, tensors, tiny, train_run
+from train_support import tensors, tiny, train_run
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def _with_steps(cfg: config.Config, steps: int) -> config.Config:

@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 
 from eicl_cli import checkpoint, runs
-from train_support import TINY, eicl, make_synthetic_cache
+from train_support import TINY, eicl
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_cache(tmp_path_factory.mktemp("data"))
 
 
 def _start(data_dir: Path, *args: str, slow_write: float | str = 0) -> subprocess.Popen:
