@@ -25,6 +25,9 @@ def test_quickstart_config_is_the_cpu_model_on_augmented_omniglot() -> None:
     assert cfg.embedding.example_encoder == "conv" and cfg.embedding.normalize_examples
     assert cfg.embedding.label_head == "dense"  # the paper's head
     assert cfg.sequences.p_bursty == 1.0
+    # bursty training sequences have the few-shot evaluation's shape: 4 shots x 2 ways + query
+    s = cfg.sequences
+    assert s.bursty_shots == s.fs_shots == 4 and s.bursty_shots * s.ways + 1 == s.seq_len
     assert "fewshot_holdout" in cfg.eval.modes and "no_support_zipfian" in cfg.eval.modes
     assert 0 < cfg.run.steps <= 50_000
     # a resolved config written back to TOML reads back equal
