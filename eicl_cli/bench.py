@@ -84,13 +84,9 @@ class StepRunner:
     device only at the end of `run`."""
 
     def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
-        import equinox as eqx
-
         from .evaluate import device_label_masks
         from .flat_step import Carry
         from .inputs import to_device
-        from .model import build_model
-        from .optim import make_optimizer
 
         self.stack = stack
         if stack > 1:
@@ -105,10 +101,9 @@ class StepRunner:
             self._consts = trainer.consts
             self.carry, self.sums = trainer.carry, trainer.sums
         else:
-            from .train import make_train_step, zero_sums
-            init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
-            model, state = build_model(cfg, init_key, tuple(dataset.images.shape[1:]))
-            opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
+            from .train import initial_state, make_train_step, zero_sums
+            model, state, opt_state, step_key = initial_state(
+                cfg, tuple(dataset.images.shape[1:]))
             self._next_batch = lambda step: to_device(generator.train_batch(step))
             self._step_fn = make_train_step(cfg)
             self._consts = (data, device_label_masks(generator, cfg.sequences.train_kind),

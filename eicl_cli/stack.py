@@ -137,21 +137,20 @@ class StackedState:
     @staticmethod
     def fresh(cfgs: list[Config], dataset: Any, data: Any) -> "StackedState":
         from .data.sequences import SequenceGenerator
-        from .optim import make_optimizer
-        from .train import build_model_shared, zero_sums
+        from .train import initial_state, zero_sums
         check_stackable(cfgs)
         image_shape = tuple(dataset.images.shape[1:])
         gens, models, states, opts, keys, masks = [], [], [], [], [], []
         for cfg in cfgs:
             gen = SequenceGenerator(dataset, cfg)
-            init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
-            model, state = build_model_shared(cfg, init_key, image_shape)
+            model, state, opt_state, step_key = initial_state(cfg, image_shape)
             if models:  # one structure for all (batch norm's state markers differ per build)
-                model, state = _regraft(models[0], model), _regraft(states[0], state)
+                model, state, opt_state = (_regraft(models[0], model), _regraft(states[0], state),
+                                           _regraft(opts[0], opt_state))
             gens.append(gen)
             models.append(model)
             states.append(state)
-            opts.append(make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array)))
+            opts.append(opt_state)
             keys.append(step_key)
             masks.append({k: v for k, v in gen.label_masks(cfg.sequences.train_kind).items()
                           if isinstance(v, np.ndarray)})

@@ -140,6 +140,16 @@ def build_model_shared(cfg: Config, key: jax.Array, image_shape: tuple[int, ...]
     return regraft(model0, model), regraft(state0, state)
 
 
+def initial_state(cfg: Config, image_shape: tuple[int, ...]):
+    """A fresh run's model, batch-norm state and optimizer state, and the key
+    of its training steps' randomness: all from run.seed, one split, so that
+    `eicl train`, a stacked sweep and `eicl bench` start every run alike."""
+    init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
+    model, state = build_model_shared(cfg, init_key, image_shape)
+    opt_state = make_optimizer(cfg).init(eqx.filter(model, eqx.is_inexact_array))
+    return model, state, opt_state, step_key
+
+
 def _build_train_step(cfg: Config) -> FlatStep:
     return FlatStep(make_update(cfg))
 
@@ -290,10 +300,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
     data = device_data(dataset, cfg)
     image_shape = tuple(dataset.images.shape[1:])
 
-    init_key, step_key = jax.random.split(jax.random.key(cfg.run.seed))
-    model, state = build_model_shared(cfg, init_key, image_shape)
-    optimizer = make_optimizer(cfg)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    model, state, opt_state, step_key = initial_state(cfg, image_shape)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.run.steps)
 
     start, elapsed_before = 0, 0.0

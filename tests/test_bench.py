@@ -13,7 +13,6 @@ FIELDS = ("device", "generator_sequences_per_s", "compile_s", "train_steps_per_s
           "train_sequences_per_s", "eval_sequences_per_s", "peak_host_rss_gb")
 
 
-
 def test_bench_json_reports_every_figure_plain_and_stacked(data_dir: Path):
     proc = eicl("bench", "--config", str(TINY), "--config", str(TINY), "--steps", "3",
                 "--stack", "2", "--json", "--set", f'data.data_dir="{data_dir}"',

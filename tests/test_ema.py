@@ -19,7 +19,6 @@ from eicl_cli.optim import ParamsEMA, evaluation_model, make_optimizer, track_pa
 from train_support import eicl, tensors, tiny, train_run
 
 
-
 def test_the_average_follows_its_recurrence_and_leaves_the_updates_alone():
     params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
     sgd = optax.sgd(0.1)

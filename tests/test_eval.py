@@ -16,7 +16,6 @@ from train_support import TINY
 runner = CliRunner()
 
 
-
 @pytest.fixture(scope="module")
 def trained(data_dir: Path, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"

@@ -19,7 +19,6 @@ OVERRIDES = ["embedding.example_encoder=\"resnet\"", "embedding.resnet_blocks_pe
              "run.eval_every=6", "run.checkpoint_every=6", "train.batch_size=8"]
 
 
-
 def _train(data_dir: Path, out: Path, devices: int) -> list[float]:
     sets = [a for o in OVERRIDES for a in ("--set", o)]
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",

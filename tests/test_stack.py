@@ -24,7 +24,6 @@ POINTS = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=0.9", "
           ("classes.zipf_exponent=1.0", "run.seed=2")]
 
 
-
 def _configs(data_dir: Path, steps: int) -> list[config.Config]:
     return [train_mod.resolved_config(tiny(data_dir, *MODEL, *p, f"run.steps={steps}"))
             for p in POINTS]

@@ -24,7 +24,6 @@ from train_support import TINY
 STEPS = 400
 
 
-
 def _sweep_cli(sweep_file: Path, out: Path, data_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", "sweep", str(sweep_file),

@@ -13,7 +13,6 @@ from eicl_cli.cli import app
 from train_support import TINY
 
 
-
 def _sweep_file(tmp_path: Path, steps: int, extra_zip: str = "") -> Path:
     path = tmp_path / "s.toml"
     path.write_text(f"""

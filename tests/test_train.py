@@ -15,7 +15,6 @@ from eicl_cli.errors import EiclError
 from train_support import tensors, tiny, train_run
 
 
-
 def _with_steps(cfg: config.Config, steps: int) -> config.Config:
     return cfg.replace(run=dataclasses.replace(cfg.run, steps=steps))
 

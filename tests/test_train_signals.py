@@ -18,7 +18,6 @@ from train_support import TINY, eicl
 pytestmark = pytest.mark.slow
 
 
-
 def _start(data_dir: Path, *args: str, slow_write: float | str = 0) -> subprocess.Popen:
     env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
     if slow_write:
