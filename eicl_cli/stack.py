@@ -32,7 +32,7 @@ from . import checkpoint, display, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
-from .evaluate import evaluate_modes, table_rows
+from .evaluate import device_label_masks, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep
 from .inputs import host_fields
 from .optim import evaluation_model
@@ -152,12 +152,11 @@ class StackedState:
             states.append(state)
             opts.append(opt_state)
             keys.append(step_key)
-            masks.append({k: v for k, v in gen.label_masks(cfg.sequences.train_kind).items()
-                          if isinstance(v, np.ndarray)})
+            masks.append(device_label_masks(gen, cfg.sequences.train_kind))
         k = len(cfgs)
         return StackedState(
             cfgs=list(cfgs), generators=gens,
-            consts=(data, stack_trees([{n: jnp.asarray(v) for n, v in m.items()} for m in masks]),
+            consts=(data, stack_trees(masks),
                     jnp.stack(keys)),
             carry=Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts)),
             sums=stack_trees([zero_sums() for _ in range(k)]))

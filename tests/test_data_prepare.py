@@ -59,6 +59,13 @@ def test_one_zip_path_and_extracted_folders_give_the_same_cache(fake, tmp_path):
     assert prepare_data(str(tree.folder), tmp_path / "b").skipped
 
 
+def test_a_relative_source_is_recorded_as_an_absolute_path(fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(fake.folder.parent)
+    r = prepare_data(fake.folder.name, tmp_path)
+    assert r.source and all(Path(p).is_absolute() for p in r.source.split(", "))
+    assert str(fake.background_zip.resolve()) in r.source
+
+
 def test_cli_synthetic_summary_and_rerun(tmp_path):
     args = ["prepare-data", "--source", "synthetic", "--classes", "10", "--data-dir", str(tmp_path)]
     out = runner.invoke(app, args)

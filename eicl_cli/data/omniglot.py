@@ -179,6 +179,7 @@ def find_local(source: Path) -> dict[str, Path]:
     source = Path(source).expanduser()
     if not source.exists():
         raise EiclError(f"{source}: no such file or folder")
+    source = source.resolve()  # the cache records where it came from, wherever it is read
     folder = source.parent if source.is_file() else source
     if source.is_file() and source.name not in OFFICIAL_FILES:
         raise EiclError(f"{source}: expected images_background.zip or images_evaluation.zip, "
