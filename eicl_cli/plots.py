@@ -28,6 +28,8 @@ def _label(row: Row, keys: list[str]) -> str:
         parts = [f"{_short(k, keys)}={sweep.format_value(row.values[k])}" for k in shown]
         if "label" in row.values:
             parts = [str(row.values["label"])]  # a zip label names the whole tuple
+        elif len(parts) > 2 and not row.source:
+            parts = [row.label]  # a lone run among several keys: its folder's name is shorter
         text = ", ".join(parts) if parts else row.label
     if row.source and not keys:
         text = f"{row.source}: {text}"

@@ -174,15 +174,6 @@ def _flat(cfg: config_mod.Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in config_mod.to_dict(cfg).items() for k, v in sec.items()}
 
 
-def _differing_keys(results: list[RunResult]) -> list[str]:
-    if len(results) < 2:
-        return []
-    flats = [_flat(r.config) for r in results]
-    keys = [k for k in flats[0] if k not in _NOT_SWEPT
-            and any(f[k] != flats[0][k] for f in flats[1:])]
-    return keys
-
-
 def _short(key: str, keys: list[str]) -> str:
     s = key.split(".", 1)[-1]
     return s if sum(k.split(".", 1)[-1] == s for k in keys) == 1 else key
@@ -217,15 +208,14 @@ def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
         else:
             raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}) "
                             f"nor a sweep folder (no {sweep.MANIFEST})")
-    if singles:
-        diff = _differing_keys(singles)
-        for k in diff:
-            if k not in keys:
-                keys.append(k)
-        for r in singles:
-            flat = _flat(r.config)
-            rows.append(Row(source="", label=r.name, values={k: flat[k] for k in diff},
-                            runs=[r], expected_runs=1))
+    rows += [Row(source="", label=r.name, values={}, runs=[r], expected_runs=1)
+             for r in singles]
+    # A column for every config key that differs between rows, not only the
+    # swept ones: a sweep shown beside the runs it is compared with must show
+    # what sets them apart (a key its [set] table holds for all its points).
+    flats = [_flat(row.runs[0].config) for row in rows if row.runs]
+    keys += [k for k in (flats[0] if flats else {}) if k not in _NOT_SWEPT and k not in keys
+             and any(f.get(k) != flats[0][k] for f in flats[1:])]
     for row in rows:  # a column every row can fill: mixed sweeps and runs line up
         if row.runs:
             flat = _flat(row.runs[0].config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -13,6 +14,8 @@ from eicl_cli.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 SWEEP = ROOT / "configs" / "sweeps" / "quickstart_burstiness.toml"
+WITHIN_CLASS = ROOT / "configs" / "sweeps" / "quickstart_within_class.toml"
+RECURRENT = ROOT / "configs" / "sweeps" / "quickstart_recurrent.toml"
 LABELS = ["p_bursty=0", "p_bursty=0.5", "p_bursty=0.9", "p_bursty=1", "1623_classes", "zipf=1"]
 
 
@@ -62,3 +65,31 @@ def test_quickstart_sweep_dry_run_lists_its_points(tmp_path: Path) -> None:
         assert label in result.output
     assert "6 pending" in result.output
     assert not out.exists()  # a dry run writes nothing
+
+
+def _points(path: Path) -> dict[str, config_mod.Config]:
+    return {r.values["label"] if "label" in r.values else r.values["model.kind"]: r.config
+            for r in sweep.expand(sweep.load_sweep(path))}
+
+
+def test_within_class_sweep_differs_from_its_partners_only_in_exemplars() -> None:
+    partners = _points(SWEEP)
+    mine = _points(WITHIN_CLASS)
+    assert sorted(mine) == ["identical", "identical_1623_classes"]
+    for label, partner in [("identical", "p_bursty=0.9"), ("identical_1623_classes",
+                                                           "1623_classes")]:
+        cfg, other = mine[label], partners[partner]
+        assert dataclasses.replace(cfg.data, exemplars="all") == other.data
+        assert cfg.replace(data=other.data, run=other.run) == other
+    assert mine["identical"].num_classes == 12880 and mine["identical_1623_classes"].num_classes == 1623
+
+
+def test_recurrent_sweep_is_the_quickstart_with_a_recurrent_model_of_its_depth() -> None:
+    base = config_mod.load(QUICKSTART)
+    mine = _points(RECURRENT)
+    assert sorted(mine) == ["lstm", "vanilla_rnn"]
+    for kind, cfg in mine.items():
+        assert cfg.model.kind == kind
+        assert (cfg.rnn.num_layers, cfg.rnn.hidden_size) == (base.transformer.num_layers,
+                                                             base.embedding.emb_dim)
+        assert cfg.replace(model=base.model, rnn=base.rnn, run=base.run) == base

@@ -195,6 +195,24 @@ def test_runs_and_sweeps_mixed(fixture_sweep: Path, tmp_path: Path) -> None:
     assert cells[-1][:3] == ["", "lone", "0.9"]  # filled from the run's config
 
 
+def test_a_key_the_sweep_holds_fixed_gets_a_column_beside_a_run_that_differs(
+        fixture_sweep: Path, tmp_path: Path) -> None:
+    import dataclasses
+    from eicl_cli.plots import _label
+    point = json.loads((fixture_sweep / "manifest.json").read_text())["runs"][0]["run_dir"]
+    cfg = C.load(fixture_sweep / point / "config.toml")
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, exemplars="single"),
+                      sequences=dataclasses.replace(cfg.sequences, p_bursty=0.9))
+    lone = make_run(tmp_path / "identical", cfg, icl_curve(0.9, 0), iwl_curve(0.9, 0))
+    rows, keys = report.collect([fixture_sweep, lone])
+    assert keys == ["sequences.p_bursty", "data.exemplars"]
+    headers, cells, _ = report.table(rows, keys)
+    assert headers[2:4] == ["p_bursty", "exemplars"]
+    assert [c[1:4] for c in cells] == [["p_bursty=0.0", "0.0", "all"], ["p_bursty=0.9", "0.9", "all"],
+                                       ["identical", "0.9", "single"]]
+    assert _label(rows[-1], keys) == "p_bursty=0.9, exemplars=single"
+
+
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}/nothing"], "does not exist"),
     (["report", "{tmp}"], "is not a run folder (no config.toml) nor a sweep folder"),
