@@ -171,7 +171,12 @@ class Row:
 
 
 def _flat(cfg: config_mod.Config) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, sec in config_mod.to_dict(cfg).items() for k, v in sec.items()}
+    """section.key -> value, leaving out the sections the run's model does not
+    use (`rnn` for a transformer, `transformer` for a recurrent model), so
+    that their inherited values do not read as differences."""
+    unused = {"rnn"} if cfg.model.kind == "transformer" else {"transformer"}
+    return {f"{s}.{k}": v for s, sec in config_mod.to_dict(cfg).items() if s not in unused
+            for k, v in sec.items()}
 
 
 def _short(key: str, keys: list[str]) -> str:
@@ -214,8 +219,9 @@ def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
     # swept ones: a sweep shown beside the runs it is compared with must show
     # what sets them apart (a key its [set] table holds for all its points).
     flats = [_flat(row.runs[0].config) for row in rows if row.runs]
-    keys += [k for k in (flats[0] if flats else {}) if k not in _NOT_SWEPT and k not in keys
-             and any(f.get(k) != flats[0][k] for f in flats[1:])]
+    for k in dict.fromkeys(k for f in flats for k in f):
+        if k not in _NOT_SWEPT and k not in keys and len({repr(f[k]) for f in flats if k in f}) > 1:
+            keys.append(k)
     for row in rows:  # a column every row can fill: mixed sweeps and runs line up
         if row.runs:
             flat = _flat(row.runs[0].config)

@@ -213,6 +213,21 @@ def test_a_key_the_sweep_holds_fixed_gets_a_column_beside_a_run_that_differs(
     assert _label(rows[-1], keys) == "p_bursty=0.9, exemplars=single"
 
 
+def test_sections_a_model_does_not_use_are_no_difference(tmp_path: Path) -> None:
+    transformer = base_cfg(rnn={"num_layers": 12})
+    lstm2 = base_cfg(model={"kind": "lstm"}, rnn={"num_layers": 2})
+    lstm3 = base_cfg(model={"kind": "lstm"}, rnn={"num_layers": 3})
+    made = [make_run(tmp_path / name, cfg, icl_curve(0.5, 0), iwl_curve(0.5, 0))
+            for name, cfg in [("t", transformer), ("l2", lstm2), ("l3", lstm3)]]
+    _, keys = report.collect(made[:2])
+    assert keys == ["model.kind"]  # the transformer's inherited rnn.num_layers is no difference
+    rows, keys = report.collect(made)
+    assert keys == ["model.kind", "rnn.num_layers"]
+    headers, cells, _ = report.table(rows, keys)
+    assert [c[0:3] for c in cells] == [["t", "transformer", ""], ["l2", "lstm", "2"],
+                                       ["l3", "lstm", "3"]]
+
+
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}/nothing"], "does not exist"),
     (["report", "{tmp}"], "is not a run folder (no config.toml) nor a sweep folder"),
