@@ -213,14 +213,23 @@ def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
         else:
             raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}) "
                             f"nor a sweep folder (no {sweep.MANIFEST})")
+    in_points = {k for row in rows for k in row.values}  # a sweep's grid and zip keys
     rows += [Row(source="", label=r.name, values={}, runs=[r], expected_runs=1)
              for r in singles]
-    # A column for every config key that differs between rows, not only the
-    # swept ones: a sweep shown beside the runs it is compared with must show
-    # what sets them apart (a key its [set] table holds for all its points).
+    # A column for every config key that differs between lone runs, and for
+    # every other key that differs between rows but no sweep point names: a
+    # sweep shown beside the runs it is compared with must show what sets
+    # them apart (say a key its [set] table holds for all its points), while
+    # the keys a zip sweep ties to its labels stay behind those labels.
     flats = [_flat(row.runs[0].config) for row in rows if row.runs]
+    lone = [_flat(r.config) for r in singles]
+
+    def differ(k: str, among: list[dict]) -> bool:
+        return len({repr(f[k]) for f in among if k in f}) > 1
+
     for k in dict.fromkeys(k for f in flats for k in f):
-        if k not in _NOT_SWEPT and k not in keys and len({repr(f[k]) for f in flats if k in f}) > 1:
+        if k not in _NOT_SWEPT and k not in keys and (
+                differ(k, lone) or (k not in in_points and differ(k, flats))):
             keys.append(k)
     for row in rows:  # a column every row can fill: mixed sweeps and runs line up
         if row.runs:

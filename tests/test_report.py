@@ -213,6 +213,34 @@ def test_a_key_the_sweep_holds_fixed_gets_a_column_beside_a_run_that_differs(
     assert _label(rows[-1], keys) == "p_bursty=0.9, exemplars=single"
 
 
+def test_zip_keys_stay_behind_their_labels_but_an_unswept_difference_shows(
+        tmp_path: Path) -> None:
+    import dataclasses
+    sweep_file = tmp_path / "zipped.toml"
+    sweep_file.write_text(textwrap.dedent(f"""
+        base = "{(ROOT / 'configs' / 'images_all_exemplars.toml').as_posix()}"
+        seeds = [0]
+        [set]
+        "run.steps" = {STEPS[-1]}
+        [zip]
+        label = ["plain", "zipf"]
+        "sequences.p_bursty" = [0.9, 0.5]
+        "classes.zipf_exponent" = [0.0, 1.0]
+        """))
+    spec = sweep.load_sweep(sweep_file)
+    points = sweep.expand(spec)
+    out = tmp_path / "out"
+    out.mkdir()
+    sweep.write_manifest(out, spec, points)
+    for i, p in enumerate(points):
+        cfg = p.config
+        if i == 0:  # a run trained with another shot count than its sweep says
+            cfg = cfg.replace(sequences=dataclasses.replace(cfg.sequences, bursty_shots=4))
+        make_run(out / p.name, cfg, icl_curve(0.5, 0), iwl_curve(0.5, 0))
+    _, keys = report.collect([out])
+    assert keys == ["label", "sequences.bursty_shots"]
+
+
 def test_sections_a_model_does_not_use_are_no_difference(tmp_path: Path) -> None:
     transformer = base_cfg(rnn={"num_layers": 12})
     lstm2 = base_cfg(model={"kind": "lstm"}, rnn={"num_layers": 2})
