@@ -6,6 +6,7 @@ by hand, with the layout and record format of runs.py."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import statistics
@@ -64,28 +65,36 @@ def base_cfg(**sections: dict) -> C.Config:
     return C.from_dict(raw)
 
 
-@pytest.fixture
-def fixture_sweep(tmp_path: Path) -> Path:
-    """A 2-point x 2-seed sweep folder whose runs hold hand-written metrics."""
-    sweep_file = tmp_path / "burst.toml"
+def write_sweep(folder: Path, tables: str, seeds: str = "[0, 1]",
+                edit=lambda i, cfg: cfg) -> Path:
+    """A sweep folder over the paper config whose runs hold hand-written
+    metrics; `edit(i, config)` may change the config point i is trained with."""
+    sweep_file = folder / "sweep.toml"
     sweep_file.write_text(textwrap.dedent(f"""
         base = "{(ROOT / 'configs' / 'images_all_exemplars.toml').as_posix()}"
         description = "fixture"
-        seeds = [0, 1]
+        seeds = {seeds}
         [set]
         "run.steps" = {STEPS[-1]}
-        [grid]
-        "sequences.p_bursty" = [0.0, 0.9]
-        """))
+        """) + textwrap.dedent(tables))
     spec = sweep.load_sweep(sweep_file)
     points = sweep.expand(spec)
-    out = tmp_path / "sweep_out"
+    out = folder / "sweep_out"
     out.mkdir()
     sweep.write_manifest(out, spec, points)
-    for p in points:
+    for i, p in enumerate(points):
         pb = p.config.sequences.p_bursty
-        make_run(out / p.name, p.config, icl_curve(pb, p.seed), iwl_curve(pb, p.seed))
+        make_run(out / p.name, edit(i, p.config), icl_curve(pb, p.seed), iwl_curve(pb, p.seed))
     return out
+
+
+@pytest.fixture
+def fixture_sweep(tmp_path: Path) -> Path:
+    """A 2-point x 2-seed sweep folder whose runs hold hand-written metrics."""
+    return write_sweep(tmp_path, """
+        [grid]
+        "sequences.p_bursty" = [0.0, 0.9]
+        """)
 
 
 def test_single_run_final_and_best(tmp_path: Path) -> None:
@@ -197,7 +206,6 @@ def test_runs_and_sweeps_mixed(fixture_sweep: Path, tmp_path: Path) -> None:
 
 def test_a_key_the_sweep_holds_fixed_gets_a_column_beside_a_run_that_differs(
         fixture_sweep: Path, tmp_path: Path) -> None:
-    import dataclasses
     from eicl_cli.plots import _label
     point = json.loads((fixture_sweep / "manifest.json").read_text())["runs"][0]["run_dir"]
     cfg = C.load(fixture_sweep / point / "config.toml")
@@ -215,28 +223,15 @@ def test_a_key_the_sweep_holds_fixed_gets_a_column_beside_a_run_that_differs(
 
 def test_zip_keys_stay_behind_their_labels_but_an_unswept_difference_shows(
         tmp_path: Path) -> None:
-    import dataclasses
-    sweep_file = tmp_path / "zipped.toml"
-    sweep_file.write_text(textwrap.dedent(f"""
-        base = "{(ROOT / 'configs' / 'images_all_exemplars.toml').as_posix()}"
-        seeds = [0]
-        [set]
-        "run.steps" = {STEPS[-1]}
+    def other_shots(i: int, cfg: C.Config) -> C.Config:  # trained otherwise than its sweep says
+        return cfg.replace(sequences=dataclasses.replace(cfg.sequences, bursty_shots=4)) \
+            if i == 0 else cfg
+    out = write_sweep(tmp_path, """
         [zip]
         label = ["plain", "zipf"]
         "sequences.p_bursty" = [0.9, 0.5]
         "classes.zipf_exponent" = [0.0, 1.0]
-        """))
-    spec = sweep.load_sweep(sweep_file)
-    points = sweep.expand(spec)
-    out = tmp_path / "out"
-    out.mkdir()
-    sweep.write_manifest(out, spec, points)
-    for i, p in enumerate(points):
-        cfg = p.config
-        if i == 0:  # a run trained with another shot count than its sweep says
-            cfg = cfg.replace(sequences=dataclasses.replace(cfg.sequences, bursty_shots=4))
-        make_run(out / p.name, cfg, icl_curve(0.5, 0), iwl_curve(0.5, 0))
+        """, seeds="[0]", edit=other_shots)
     _, keys = report.collect([out])
     assert keys == ["label", "sequences.bursty_shots"]
 
