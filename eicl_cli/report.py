@@ -221,8 +221,9 @@ def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
     # sweep shown beside the runs it is compared with must show what sets
     # them apart (say a key its [set] table holds for all its points), while
     # the keys a zip sweep ties to its labels stay behind those labels.
-    flats = [_flat(row.runs[0].config) for row in rows if row.runs]
-    lone = [_flat(r.config) for r in singles]
+    flat_of = [(row, _flat(row.runs[0].config)) for row in rows if row.runs]
+    flats = [f for _, f in flat_of]
+    lone = [f for row, f in flat_of if not row.source]
 
     def differ(k: str, among: list[dict]) -> bool:
         return len({repr(f[k]) for f in among if k in f}) > 1
@@ -231,12 +232,10 @@ def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
         if k not in _NOT_SWEPT and k not in keys and (
                 differ(k, lone) or (k not in in_points and differ(k, flats))):
             keys.append(k)
-    for row in rows:  # a column every row can fill: mixed sweeps and runs line up
-        if row.runs:
-            flat = _flat(row.runs[0].config)
-            for k in keys:
-                if k not in row.values and k in flat:
-                    row.values[k] = flat[k]
+    for row, flat in flat_of:  # a column every row can fill: mixed sweeps and runs line up
+        for k in keys:
+            if k not in row.values and k in flat:
+                row.values[k] = flat[k]
     _mark(rows)
     return rows, keys
 

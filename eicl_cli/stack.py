@@ -156,8 +156,7 @@ class StackedState:
         k = len(cfgs)
         return StackedState(
             cfgs=list(cfgs), generators=gens,
-            consts=(data, stack_trees(masks),
-                    jnp.stack(keys)),
+            consts=(data, stack_trees(masks), jnp.stack(keys)),
             carry=Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts)),
             sums=stack_trees([zero_sums() for _ in range(k)]))
 
