@@ -107,6 +107,7 @@ def train(
                               "(SLURM, Open MPI) via jax.distributed.initialize().")] = False,
 ) -> None:
     """Train a model on bursty sequences; stream accuracy per eval mode.
+
     Ctrl+C saves a checkpoint; continue with --resume RUN. Uses every local
     device (batch split, parameters replicated); several hosts with
     --coordinator/--num-processes/--process-id or --distributed."""
@@ -224,8 +225,9 @@ def sweep(
                         "p_bursty, zipf_exponent or seed) in one process and one jitted "
                         "step; each keeps its own run folder.")] = 1,
 ) -> None:
-    """Run a grid of configs (a paper figure), resumably: finished runs are
-    skipped, interrupted ones resumed, failed ones retried."""
+    """Run a grid of configs (a paper figure), resumably.
+
+    Finished runs are skipped, interrupted ones resumed, failed ones retried."""
     from . import display, sweep as sweep_mod
     spec, sweep_runs, folder = sweep_mod.prepare(sweep_file, out, set_ or [])
     if jobs < 1:
@@ -269,8 +271,9 @@ def report(
         "--closed", help="Headline accuracy_closed (ways labels) instead of the strict "
                          "accuracy_query in the table and plot.")] = False,
 ) -> None:
-    """Tables and plots of IWL vs ICL for runs and sweeps (one row per run or
-    sweep point; mean and std over seeds)."""
+    """Tables and plots of IWL vs ICL for runs and sweeps.
+
+    One row per run or sweep point; mean and std over seeds."""
     from . import display, report as report_mod
     if json_ and csv_:
         raise EiclError("--json and --csv: choose one output format")
@@ -398,8 +401,10 @@ def bench(
         "--stack", help="Measure K stacked replicas of each config in one step.")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
 ) -> None:
-    """Measure batch generation, compile time, training and evaluation speed
-    and peak memory on this machine."""
+    """Measure generation, compile, training and eval speed, and peak memory.
+
+    Batch generation, compile time, training and evaluation speed and peak
+    memory on this machine."""
     import json
     from . import bench as bench_mod, display
     if stack < 1:
