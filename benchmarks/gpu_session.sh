@@ -2,7 +2,8 @@
 # One device call that does the GPU checks of issues 8 and 9, in order, each
 # capped so the whole fits one 10-minute call and its results come back:
 #   1. `eicl bench --json`: the paper config, the quickstart config, and the
-#      paper config with --stack 8 (issue 8);
+#      paper config with --stack 8 (issue 8); each paper bench also with the
+#      layers unrolled (transformer.unroll = 12);
 #   2. the same paper and quickstart benches for other copies of the package
 #      carried in runs/old/eicl_cli (a baseline) and runs/alt/eicl_cli (a
 #      variant), where present: A/B on one machine;
@@ -11,7 +12,8 @@
 # With the plan `paper`, the paper run comes first instead: it trains in
 # runs/gpu-paper (kept on a warm machine between calls) and resumes from there,
 # until its training time reaches PAPER_TARGET_S (default 600 s) or the budget
-# runs out; benches 1 and the stack-8 one follow if at least 150 s are left.
+# runs out; the paper and stack-8 benches (plain and unrolled) follow if at
+# least 150 s are left.
 # A 10-minute run needs two calls, as one call may last 600 s at most:
 #   call 1 (timeout_s 600):  bash benchmarks/gpu_session.sh 585 paper
 #   call 2 at once (the machine goes back after 30 s idle), with B = the
@@ -64,6 +66,9 @@ bench() {
   (cd "$dir" && timeout "$limit" $PY -m eicl_cli.cli bench --json "$@") 2>>"$LOG"
 }
 PAPER=$ROOT/configs/images_all_exemplars.toml
+# The paper's 12 blocks without the loop over layers: the same model, a
+# different compiled step (A/B beside each paper bench).
+UNROLLED="--set transformer.unroll=12"
 QUICK=$ROOT/configs/quickstart.toml
 
 if [ "$PLAN" = paper ]; then
@@ -87,8 +92,11 @@ if [ "$PLAN" = paper ]; then
   if [ "$(left)" -ge 150 ]; then
     stamp bench
     bench "$ROOT" 100 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
+    [ "$(left)" -ge 110 ] && bench "$ROOT" 100 -c "$PAPER" --steps 600 $UNROLLED >>"$OUT/bench.jsonl"
     [ "$(left)" -ge 60 ] && bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" --steps 150 --stack 8 \
       >>"$OUT/bench.jsonl"
+    [ "$(left)" -ge 60 ] && bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" --steps 150 --stack 8 \
+      $UNROLLED >>"$OUT/bench.jsonl"
   fi
   stamp done
   exit 0
@@ -96,6 +104,7 @@ fi
 
 stamp bench
 bench "$ROOT" 110 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
+bench "$ROOT" 100 -c "$PAPER" --steps 600 $UNROLLED >>"$OUT/bench.jsonl"
 bench "$ROOT" 60 -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
 for other in runs/old runs/alt; do
   [ -d "$other/eicl_cli" ] || continue
@@ -105,6 +114,7 @@ for other in runs/old runs/alt; do
 done
 stamp bench stack 8
 bench "$ROOT" 110 -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
+bench "$ROOT" 110 -c "$PAPER" --steps 150 --stack 8 $UNROLLED >>"$OUT/bench.jsonl"
 
 stamp profile
 PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 90 $PY benchmarks/profile_step.py "$PAPER" --steps 30 >"$OUT/profile_paper.txt" 2>>"$LOG"

@@ -129,9 +129,11 @@ class StepRunner:
 
 
 def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
-                 generator_seconds: float = 1.0, eval_sequences: int | None = None,
-                 dataset: Any = None) -> dict[str, Any]:
-    """Measure one config; returns the figures as a flat JSON-ready dict."""
+                 overrides: list[str] | None = None, generator_seconds: float = 1.0,
+                 eval_sequences: int | None = None, dataset: Any = None) -> dict[str, Any]:
+    """Measure one config; returns the figures as a flat JSON-ready dict.
+    `overrides` (the --set values the config was loaded with) are recorded
+    with them, so that A/B lines of one config stay apart."""
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
     from .evaluate import evaluate_modes
@@ -142,7 +144,8 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
     if dataset is None:
         dataset = load_dataset(cfg)
     b = cfg.train.batch_size
-    out: dict[str, Any] = {"config": name, "device": device_description(),
+    out: dict[str, Any] = {"config": name, "set": list(overrides or []),
+                           "device": device_description(),
                            "jax_backend": jax.default_backend(), "stack": stack,
                            "batch_size": b, "image_shape": list(dataset.images.shape[1:])}
 

@@ -416,7 +416,8 @@ def bench(
     for path in paths:
         cfg = bench_mod.load_for_bench(path, set_ or [])
         n = steps or bench_mod.default_steps(cfg)
-        results.append(bench_mod.bench_config(cfg, steps=n, stack=stack, name=path.stem))
+        results.append(bench_mod.bench_config(cfg, steps=n, stack=stack, name=path.stem,
+                                              overrides=set_))
         if json_:
             display.print_json(json.dumps(results[-1]))
     if not json_:

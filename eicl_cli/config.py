@@ -130,6 +130,9 @@ class TransformerConfig:
     num_heads: int = 8
     widening_factor: int = 4
     dropout_prob: float = 0.0
+    # Blocks per iteration of the loop over layers; >= num_layers: no loop.
+    # The same function either way: only compile time and step time change.
+    unroll: int = 1
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,7 @@ def validate(cfg: Config) -> None:
     _at_least("transformer.num_heads", t.num_heads, 1)
     _at_least("transformer.widening_factor", t.widening_factor, 1)
     _prob("transformer.dropout_prob", t.dropout_prob)
+    _at_least("transformer.unroll", t.unroll, 1)
     if e.emb_dim % t.num_heads:
         raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be divisible by "
                           f"transformer.num_heads = {t.num_heads}")

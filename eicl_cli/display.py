@@ -414,3 +414,5 @@ def print_bench_table(results: list[dict]) -> None:
     console.print(t)
     info(f"train figures are steady state over {results[0]['train_steps']} steps after "
          "compilation; peak host RSS is the whole process so far")
+    if results[0].get("set"):
+        info("with --set " + " ".join(results[0]["set"]))

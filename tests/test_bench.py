@@ -22,6 +22,7 @@ def test_bench_json_reports_every_figure_plain_and_stacked(data_dir: Path):
     assert len(rows) == 2
     for r in rows:
         assert r["stack"] == 2 and r["train_steps"] == 3 and r["config"] == "tiny"
+        assert r["set"] == [f'data.data_dir="{data_dir}"']
         for f in FIELDS:
             assert r[f] is not None, f
         assert r["generator_sequences_per_s"] > 1000
@@ -35,5 +36,6 @@ def test_bench_table_and_bad_arguments(data_dir: Path):
                 f'data.data_dir="{data_dir}"', data_dir=data_dir)
     assert proc.returncode == 0, proc.stderr
     assert "train steps/s" in proc.stdout and "generator sequences/s" in proc.stdout
+    assert "with --set data.data_dir=" in " ".join(proc.stdout.split())
     bad = eicl("bench", "--config", str(TINY), "--stack", "0", data_dir=data_dir)
     assert bad.returncode == 2 and "--stack 0" in bad.stderr

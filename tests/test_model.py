@@ -4,6 +4,7 @@ tokens, initialisers and mixed precision. Tiny sizes throughout."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import equinox as eqx
@@ -507,3 +508,38 @@ def test_normalize_examples_gives_every_image_token_the_same_scale():
     np.testing.assert_allclose(normed.var(-1), 1.0, rtol=1e-2)
     plain, _ = build_model(tiny_cfg("linear"), jax.random.PRNGKey(0), IMAGE)
     assert plain.example_norm is None and "example LayerNorm" not in dict(parameter_counts(plain))
+
+
+@pytest.mark.parametrize("unroll", [2, 3, 7])
+def test_unrolled_layer_loop_is_the_same_model(unroll):
+    """transformer.unroll changes how the layers are looped over, not the
+    parameters, the outputs or the gradients (dropout on: the per-layer keys
+    must line up too). 3 layers: unroll 2 leaves a remainder, 7 > layers."""
+    sections = dict(transformer={"num_layers": 3, "num_heads": 2, "dropout_prob": 0.3})
+    looped = tiny_cfg("linear", **sections)
+    sections["transformer"]["unroll"] = unroll
+    unrolled = tiny_cfg("linear", **sections)
+    m1, s1 = build_model(looped, jax.random.PRNGKey(0), IMAGE)
+    m2, s2 = build_model(unrolled, jax.random.PRNGKey(0), IMAGE)
+    for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(m1, eqx.is_array)),
+                    jax.tree_util.tree_leaves(eqx.filter(m2, eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    examples, labels = tiny_inputs(looped)
+    key = jax.random.PRNGKey(3)
+
+    def loss(model, state):
+        logits, _ = forward_batch(model, state, examples, labels, key=key, inference=False)
+        return jnp.mean(logits ** 2)
+
+    (l1, g1), (l2, g2) = (eqx.filter_jit(eqx.filter_value_and_grad(loss))(m, s)
+                          for m, s in ((m1, s1), (m2, s2)))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+    def scan_unrolls(model) -> set[int]:
+        text = str(jax.make_jaxpr(lambda m: forward_batch(
+            m, s1, examples, labels, key=key, inference=False)[0])(model))
+        return {int(u) for u in re.findall(r"unroll=(\d+)", text)}
+
+    assert 1 in scan_unrolls(m1) and min(unroll, 3) in scan_unrolls(m2)

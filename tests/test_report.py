@@ -251,6 +251,16 @@ def test_sections_a_model_does_not_use_are_no_difference(tmp_path: Path) -> None
                                        ["l3", "lstm", "3"]]
 
 
+def test_a_compile_only_key_is_no_difference(tmp_path: Path) -> None:
+    looped = base_cfg()
+    unrolled = base_cfg(transformer={"unroll": 12})
+    wider = base_cfg(transformer={"unroll": 12, "num_heads": 4})
+    made = [make_run(tmp_path / name, cfg, icl_curve(0.5, 0), iwl_curve(0.5, 0))
+            for name, cfg in [("a", looped), ("b", unrolled), ("c", wider)]]
+    assert report.collect(made[:2])[1] == []  # same model, same results
+    assert report.collect(made)[1] == ["transformer.num_heads"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}/nothing"], "does not exist"),
     (["report", "{tmp}"], "is not a run folder (no config.toml) nor a sweep folder"),

@@ -138,7 +138,7 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
             raise EiclError(f"transformer.num_heads = {t.num_heads} must divide the token "
                             f"width {width}")
         core = Transformer(width, t.num_layers, t.num_heads, t.widening_factor,
-                           t.dropout_prob, k_core)
+                           t.dropout_prob, k_core, unroll=t.unroll)
         head_in = width
     elif kind in ("lstm", "vanilla_rnn"):
         core = RNNStack(kind, width, r.hidden_size, r.num_layers, r.dropout_prob, k_core)

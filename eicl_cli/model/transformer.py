@@ -5,7 +5,9 @@ MLP widening 4x with GELU; after the stack a final LayerNorm. Dense layers use
 Haiku's VarianceScaling(1.0) initialiser and all have biases, the query, key,
 value and output projections included. The blocks are stored stacked (one
 leading layer axis on every parameter) and run with lax.scan, which keeps
-compile time flat in the number of layers.
+compile time flat in the number of layers; `unroll` blocks per loop iteration
+trade compile time for a faster step where the step is small (unroll >=
+num_layers: no loop at all).
 """
 
 from __future__ import annotations
@@ -78,15 +80,17 @@ class Transformer(eqx.Module):
     blocks: Block  # every array has a leading num_layers axis
     final_norm: LayerNorm
     num_layers: int = eqx.field(static=True)
+    unroll: int = eqx.field(static=True)
 
     def __init__(self, width: int, num_layers: int, num_heads: int, widening: int,
-                 dropout_prob: float, key: jax.Array):
+                 dropout_prob: float, key: jax.Array, unroll: int = 1):
         blocks = [Block(width, num_heads, widening, dropout_prob, k)
                   for k in split(key, num_layers)]
         self.blocks = jax.tree_util.tree_map(
             lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *blocks)
         self.final_norm = LayerNorm(width)
         self.num_layers = num_layers
+        self.unroll = unroll
 
     def __call__(self, x: jax.Array, key: jax.Array | None, *, inference: bool, dtype
                  ) -> jax.Array:
@@ -99,7 +103,7 @@ class Transformer(eqx.Module):
             block = eqx.combine(block_params, static)
             return block(h, layer_key, inference=inference, dtype=dtype), None
 
-        x, _ = jax.lax.scan(step, x, (params, keys))
+        x, _ = jax.lax.scan(step, x, (params, keys), unroll=min(self.unroll, self.num_layers))
         return self.final_norm(x)
 
     def block(self, i: int) -> Block:
