@@ -403,8 +403,8 @@ def bench(
 ) -> None:
     """Measure generation, compile, training and eval speed, and peak memory.
 
-    Batch generation, compile time, training and evaluation speed and peak
-    memory on this machine."""
+    On this machine's default JAX device; training is timed as `eicl train`
+    runs it, after compilation, which is reported apart."""
     import json
     from . import bench as bench_mod, display
     if stack < 1:
