@@ -3,7 +3,8 @@
 # capped so the whole fits one 10-minute call and its results come back:
 #   1. `eicl bench --json`: the paper config, the quickstart config, and the
 #      paper config with --stack 8 (issue 8); each paper bench also with the
-#      layers unrolled (transformer.unroll = 12);
+#      layers unrolled (transformer.unroll = 12), and the plain paper bench
+#      again with the layer loop recorded as a CUDA graph (XLA_FLAGS);
 #   2. the same paper and quickstart benches for other copies of the package
 #      carried in runs/old/eicl_cli (a baseline) and runs/alt/eicl_cli (a
 #      variant), where present: A/B on one machine;
@@ -12,8 +13,8 @@
 # With the plan `paper`, the paper run comes first instead: it trains in
 # runs/gpu-paper (kept on a warm machine between calls) and resumes from there,
 # until its training time reaches PAPER_TARGET_S (default 600 s) or the budget
-# runs out; the paper and stack-8 benches (plain and unrolled) follow if at
-# least 150 s are left.
+# runs out; the paper and stack-8 benches (plain and unrolled, then the
+# CUDA-graph one) follow if at least 150 s are left.
 # A 10-minute run needs two calls, as one call may last 600 s at most:
 #   call 1 (timeout_s 600):  bash benchmarks/gpu_session.sh 585 paper
 #   call 2 at once (the machine goes back after 30 s idle), with B = the
@@ -69,6 +70,10 @@ PAPER=$ROOT/configs/images_all_exemplars.toml
 # The paper's 12 blocks without the loop over layers: the same model, a
 # different compiled step (A/B beside each paper bench).
 UNROLLED="--set transformer.unroll=12"
+# The other way to the same end: keep the loop, and let XLA record it (and its
+# body) as one CUDA graph instead of the host checking its condition once per
+# layer. The bench line records XLA_FLAGS.
+WHILE_GRAPHS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 QUICK=$ROOT/configs/quickstart.toml
 
 if [ "$PLAN" = paper ]; then
@@ -97,6 +102,8 @@ if [ "$PLAN" = paper ]; then
       >>"$OUT/bench.jsonl"
     [ "$(left)" -ge 60 ] && bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" --steps 150 --stack 8 \
       $UNROLLED >>"$OUT/bench.jsonl"
+    [ "$(left)" -ge 50 ] && XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" \
+      --steps 600 >>"$OUT/bench.jsonl"
   fi
   stamp done
   exit 0
@@ -105,6 +112,7 @@ fi
 stamp bench
 bench "$ROOT" 110 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
 bench "$ROOT" 100 -c "$PAPER" --steps 600 $UNROLLED >>"$OUT/bench.jsonl"
+XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" 100 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
 bench "$ROOT" 60 -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
 for other in runs/old runs/alt; do
   [ -d "$other/eicl_cli" ] || continue

@@ -18,6 +18,7 @@ model, each on its own data stream, in one jitted step.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import resource
 import time
@@ -144,8 +145,11 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
     if dataset is None:
         dataset = load_dataset(cfg)
     b = cfg.train.batch_size
+    # XLA_FLAGS changes the compiled step as much as --set does (GPU command
+    # buffers, autotuning), so it goes on the line too.
     out: dict[str, Any] = {"config": name, "set": list(overrides or []),
-                           "device": device_description(),
+                           "xla_flags": os.environ.get("XLA_FLAGS") or None,
+                           "device": device_description(), "jax_version": jax.__version__,
                            "jax_backend": jax.default_backend(), "stack": stack,
                            "batch_size": b, "image_shape": list(dataset.images.shape[1:])}
 

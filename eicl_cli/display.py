@@ -416,3 +416,5 @@ def print_bench_table(results: list[dict]) -> None:
          "compilation; peak host RSS is the whole process so far")
     if results[0].get("set"):
         info("with --set " + " ".join(results[0]["set"]))
+    if results[0].get("xla_flags"):
+        info("with XLA_FLAGS=" + results[0]["xla_flags"])
