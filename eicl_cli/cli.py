@@ -270,14 +270,18 @@ def report(
     closed: Annotated[bool, typer.Option(
         "--closed", help="Headline accuracy_closed (ways labels) instead of the strict "
                          "accuracy_query in the table and plot.")] = False,
+    separate: Annotated[bool, typer.Option(
+        "--separate", help="One row per sweep point and per run folder, even where runs "
+                           "of different folders differ only in seed.")] = False,
 ) -> None:
     """Tables and plots of IWL vs ICL for runs and sweeps.
 
-    One row per run or sweep point; mean and std over seeds."""
+    One row per experiment (a run, or a sweep point); mean and std over its
+    seeds, including runs of other folders that differ from it only in seed."""
     from . import display, report as report_mod
     if json_ and csv_:
         raise EiclError("--json and --csv: choose one output format")
-    rows, keys = report_mod.collect(paths)
+    rows, keys = report_mod.collect(paths, pool=not separate)
     metric = "accuracy_closed" if closed else "accuracy_query"
     if plot is not None:
         from . import plots

@@ -6,7 +6,8 @@ model must emit the context's label among all outputs) and `accuracy_closed`
 accuracy on the run's no_support mode (`no_support_zipfian`, else
 `no_support_common`, else `no_support_rare`, whichever its config evaluates).
 A sweep folder gives one row per point: mean and standard deviation over its
-seeds. Rows are marked when their data is synthetic or when their eval modes
+seeds; runs of other folders that differ from a row only in seed join it
+(seeds added later, in another sweep or run). Rows are marked when their data is synthetic or when their eval modes
 differ from the other rows'.
 """
 
@@ -185,8 +186,40 @@ def _short(key: str, keys: list[str]) -> str:
     return s if sum(k.split(".", 1)[-1] == s for k in keys) == 1 else key
 
 
-def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
-    """Rows for every run folder and sweep folder given; returns (rows, swept keys)."""
+def _experiment(row: Row) -> str | None:
+    """What a row's runs compute, seed and bookkeeping keys left out."""
+    if not row.runs:
+        return None
+    flat = _flat(row.runs[0].config)
+    return repr(sorted((k, repr(v)) for k, v in flat.items() if k not in _NOT_SWEPT))
+
+
+def _pool(rows: list[Row]) -> list[Row]:
+    """Merge rows whose runs are one experiment at other seeds (a sweep's
+    seed 0 and a later sweep or run of seed 1, say) into the first such row:
+    the mean and std are then over every seed given. Runs of one experiment at
+    the same seed stay apart: those are repeats being compared (two devices,
+    two compiled steps), not more samples."""
+    out: list[Row] = []
+    for row in rows:
+        key = _experiment(row)
+        seeds = {r.config.run.seed for r in row.runs}
+        into = next((o for o in out if key is not None and _experiment(o) == key
+                     and not seeds & {r.config.run.seed for r in o.runs}), None)
+        if into is None:
+            out.append(row)
+            continue
+        into.runs = into.runs + row.runs
+        into.expected_runs += row.expected_runs
+        sources = [x for x in into.source.split(" + ") + [row.source] if x]
+        into.source = " + ".join(dict.fromkeys(sources))
+        into.values = {**row.values, **into.values}
+    return out
+
+
+def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]:
+    """Rows for every run folder and sweep folder given; returns (rows, swept keys).
+    With `pool`, runs that differ only in seed share one row, across folders."""
     if not paths:
         raise EiclError("give at least one run folder or sweep folder")
     rows: list[Row] = []
@@ -217,6 +250,8 @@ def collect(paths: list[Path]) -> tuple[list[Row], list[str]]:
     in_points = {k for row in rows for k in row.values}  # a sweep's grid and zip keys
     rows += [Row(source="", label=r.name, values={}, runs=[r], expected_runs=1)
              for r in singles]
+    if pool:
+        rows = _pool(rows)
     # A column for every config key that differs between lone runs, and for
     # every other key that differs between rows but no sweep point names: a
     # sweep shown beside the runs it is compared with must show what sets

@@ -204,6 +204,44 @@ def test_runs_and_sweeps_mixed(fixture_sweep: Path, tmp_path: Path) -> None:
     assert cells[-1][:3] == ["", "lone", "0.9"]  # filled from the run's config
 
 
+def test_seeds_from_other_folders_join_their_point(fixture_sweep: Path, tmp_path: Path) -> None:
+    later = tmp_path / "later"
+    later.mkdir()
+    seed2 = write_sweep(later, """
+        [grid]
+        "sequences.p_bursty" = [0.9, 0.0]
+        """, seeds="[2]").rename(later / "seed2")
+    seed2 = later / "seed2"
+    point = json.loads((fixture_sweep / "manifest.json").read_text())["runs"][0]["run_dir"]
+    cfg = C.load(fixture_sweep / point / "config.toml")  # p_bursty 0, seed 0
+    lone = make_run(tmp_path / "lone_seed3", cfg.replace(run=dataclasses.replace(cfg.run, seed=3)),
+                    icl_curve(0.0, 3), iwl_curve(0.0, 3))
+    repeat = make_run(tmp_path / "repeat_seed0", cfg, icl_curve(0.0, 0), iwl_curve(0.0, 0))
+    rows, keys = report.collect([fixture_sweep, seed2, lone, repeat])
+    assert keys == ["sequences.p_bursty"]
+    assert [(r.label, len(r.runs), r.expected_runs) for r in rows] == [
+        ("p_bursty=0.0", 4, 4), ("p_bursty=0.9", 3, 3), ("repeat_seed0", 1, 1)]
+    assert [r.source for r in rows] == ["sweep_out + seed2", "sweep_out + seed2", ""]
+    for row, pb, seeds in ((rows[0], 0.0, (0, 1, 2, 3)), (rows[1], 0.9, (0, 1, 2))):
+        st = row.stat("ICL", "accuracy_query", "final")
+        finals = [icl_curve(pb, s)[-1] for s in seeds]
+        assert st.mean == pytest.approx(statistics.fmean(finals))
+        assert st.std == pytest.approx(statistics.stdev(finals))
+        assert sorted(r.config.run.seed for r in row.runs) == list(seeds)
+    headers, cells, _ = report.table(rows, keys)
+    assert [c[headers.index("n")] for c in cells] == ["4/4", "3/3", "1"]
+    # A run at a seed its point already has is a repeat to compare: its own row.
+    assert rows[2].runs[0].path == repeat
+    apart, _ = report.collect([fixture_sweep, seed2, lone, repeat], pool=False)
+    assert [len(r.runs) for r in apart] == [2, 2, 1, 1, 1, 1]
+    res = CliRunner().invoke(app, ["report", str(fixture_sweep), str(lone), "--json"])
+    assert res.exit_code == 0, res.output
+    assert [len(r["runs"]) for r in json.loads(res.output)["rows"]] == [3, 2]
+    res = CliRunner().invoke(app, ["report", str(fixture_sweep), str(lone), "--json",
+                                   "--separate"])
+    assert [len(r["runs"]) for r in json.loads(res.output)["rows"]] == [2, 2, 1]
+
+
 def test_a_key_the_sweep_holds_fixed_gets_a_column_beside_a_run_that_differs(
         fixture_sweep: Path, tmp_path: Path) -> None:
     from eicl_cli.plots import _label
