@@ -22,14 +22,16 @@ from .report import Row, _short
 def _label(row: Row, keys: list[str]) -> str:
     """The legend entry: the swept values (just the value when one key is swept)."""
     shown = [k for k in keys if k in row.values and k != "label"]
-    if len(shown) == 1 and "label" not in row.values:
+    if len(keys) == 1 and shown:
         text = sweep.format_value(row.values[shown[0]])
     else:
         parts = [f"{_short(k, keys)}={sweep.format_value(row.values[k])}" for k in shown]
         if "label" in row.values:
             parts = [str(row.values["label"])]  # a zip label names the whole tuple
-        elif len(parts) > 2 and not row.source:
-            parts = [row.label]  # a lone run among several keys: its folder's name is shorter
+        elif not row.source and ("label" in keys or len(parts) > 2):
+            # A lone run beside a zip sweep's labels, or among several keys:
+            # its folder's name, and what sets it apart where that is short.
+            parts = [row.label] + (parts if len(parts) <= 2 else [])
         text = ", ".join(parts) if parts else row.label
     if row.source and not keys:
         text = f"{row.source}: {text}"
@@ -127,6 +129,8 @@ def plot_curves(rows: list[Row], keys: list[str], path: Path,
         fig.suptitle(title, fontsize=12)
     fig.subplots_adjust(left=0.07, right=0.79, bottom=0.13, top=0.86 if title else 0.9, wspace=0.08)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    # A long legend entry (a run named beside a sweep's labels) runs past the
+    # right edge of the fixed layout: grow the image to hold it.
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.15)
     runs.atomic_write_bytes(path, buf.getvalue())
     return path

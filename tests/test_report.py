@@ -270,8 +270,16 @@ def test_zip_keys_stay_behind_their_labels_but_an_unswept_difference_shows(
         "sequences.p_bursty" = [0.9, 0.5]
         "classes.zipf_exponent" = [0.0, 1.0]
         """, seeds="[0]", edit=other_shots)
-    _, keys = report.collect([out])
+    rows, keys = report.collect([out])
     assert keys == ["label", "sequences.bursty_shots"]
+    # A lone run beside the labels is named by its folder and what sets it apart.
+    from eicl_cli.plots import _label
+    plain = C.load(out / rows[0].runs[0].path.name / "config.toml")
+    lone = make_run(tmp_path / "mine", plain.replace(
+        run=dataclasses.replace(plain.run, seed=5), sequences=dataclasses.replace(
+            plain.sequences, bursty_shots=2)), icl_curve(0.9, 5), iwl_curve(0.9, 5))
+    rows, keys = report.collect([out, lone])
+    assert [_label(r, keys) for r in rows] == ["plain", "zipf", "mine, bursty_shots=2"]
 
 
 def test_sections_a_model_does_not_use_are_no_difference(tmp_path: Path) -> None:
