@@ -225,11 +225,15 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
     rows: list[Row] = []
     keys: list[str] = []
     singles: list[RunResult] = []
+    sweeps_seen: set[Path] = set()
     for p in paths:
         p = Path(p)
         if not p.exists():
             raise EiclError(f"{p} does not exist; give a run folder or a sweep folder")
         if sweep.is_sweep_dir(p):
+            if p.resolve() in sweeps_seen:
+                continue
+            sweeps_seen.add(p.resolve())
             manifest = sweep.read_manifest(p)
             for k in manifest["swept_keys"]:
                 if k not in keys:
@@ -248,8 +252,12 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
             raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}) "
                             f"nor a sweep folder (no {sweep.MANIFEST})")
     in_points = {k for row in rows for k in row.values}  # a sweep's grid and zip keys
-    rows += [Row(source="", label=r.name, values={}, runs=[r], expected_runs=1)
-             for r in singles]
+    # A run given twice (alone, or inside a sweep also given) counts once.
+    seen = {r.path.resolve() for row in rows for r in row.runs}
+    for r in singles:
+        if r.path.resolve() not in seen:
+            seen.add(r.path.resolve())
+            rows.append(Row(source="", label=r.name, values={}, runs=[r], expected_runs=1))
     if pool:
         rows = _pool(rows)
     # A column for every config key that differs between lone runs, and for

@@ -232,6 +232,10 @@ def test_seeds_from_other_folders_join_their_point(fixture_sweep: Path, tmp_path
     assert [c[headers.index("n")] for c in cells] == ["4/4", "3/3", "1"]
     # A run at a seed its point already has is a repeat to compare: its own row.
     assert rows[2].runs[0].path == repeat
+    # A run given again, alone or inside its sweep, counts once.
+    again, _ = report.collect([fixture_sweep, seed2, lone, repeat, lone,
+                               fixture_sweep / point, fixture_sweep])
+    assert [len(r.runs) for r in again] == [4, 3, 1]
     apart, _ = report.collect([fixture_sweep, seed2, lone, repeat], pool=False)
     assert [len(r.runs) for r in apart] == [2, 2, 1, 1, 1, 1]
     res = CliRunner().invoke(app, ["report", str(fixture_sweep), str(lone), "--json"])
