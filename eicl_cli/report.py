@@ -68,7 +68,9 @@ class RunResult:
 
     @property
     def finished(self) -> bool:
-        return self.checkpoint_step is not None and self.checkpoint_step >= self.config.run.steps
+        """Trained to run.steps: by its checkpoint, or by its metrics where the
+        checkpoints were left behind (results copied without them)."""
+        return max(self.checkpoint_step or 0, self.last_step or 0) >= self.config.run.steps
 
 
 def _curve(records: list[dict], metric: str) -> Curve:

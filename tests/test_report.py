@@ -146,10 +146,13 @@ def test_marks_synthetic_differing_modes_and_unfinished(tmp_path: Path) -> None:
                  icl_curve(0.0, 0), iwl_curve(0.0, 0))
     d = make_run(tmp_path / "d", base_cfg(), icl_curve(0.9, 1)[:3], iwl_curve(0.9, 1)[:3],
                  steps=STEPS[:3])
-    rows, keys = report.collect([a, b, c, d])
+    e = make_run(tmp_path / "e", base_cfg(), icl_curve(0.9, 2), iwl_curve(0.9, 2))
+    for f in (e / "checkpoints").iterdir():  # results kept without their checkpoints
+        f.unlink()
+    rows, keys = report.collect([a, b, c, d, e])
     assert "data.dataset" in keys and "eval.modes" in keys
     notes = {r.label: r.notes for r in rows}
-    assert notes["a"] == []
+    assert notes["a"] == [] and notes["e"] == []
     assert notes["b"] == ["synthetic data"]
     assert notes["c"][0].startswith("eval modes differ")
     assert notes["d"] == ["0/1 runs finished"]
