@@ -285,14 +285,14 @@ def report(
     metric = "accuracy_closed" if closed else "accuracy_query"
     if plot is not None:
         from . import plots
-        plots.plot_curves(rows, keys, plot, metric=metric, title=report_mod.title(paths))
+        plots.plot_curves(rows, keys, plot, metric=metric, title=report_mod.title(paths, rows))
     if json_:
         display.print_json(report_mod.to_json(rows, keys))
     elif csv_:
         display.print_json(report_mod.to_csv(rows, keys).rstrip("\n"))
     else:
         headers, cells, notes = report_mod.table(rows, keys, metric)
-        display.print_report_table(headers, cells, notes, title=report_mod.title(paths))
+        display.print_report_table(headers, cells, notes, title=report_mod.title(paths, rows))
         if plot is not None:
             display.info(f"plot written to {plot}")
 

@@ -286,16 +286,19 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
     return rows, keys
 
 
-def title(paths: list[Path]) -> str:
+def title(paths: list[Path], rows: list[Row] | None = None) -> str:
     """A heading for a table or plot: each sweep's description (else its file's
-    name), and the run folders' names."""
+    name), and the run folders' names; given the rows, only the names of run
+    folders that kept a row of their own (not those pooled into a sweep's)."""
+    lone = None if rows is None else {r.runs[0].path.resolve() for r in rows
+                                      if not r.source and r.runs}
     parts = []
     for p in paths:
         p = Path(p)
         if sweep.is_sweep_dir(p):
             m = sweep.read_manifest(p)
             parts.append(m.get("description") or Path(m.get("sweep_file", p.name)).stem)
-        else:
+        elif lone is None or p.resolve() in lone:
             parts.append(p.name)
     text = "; ".join(dict.fromkeys(parts))
     return text if len(text) <= 100 else text[:97] + "..."

@@ -235,6 +235,9 @@ def test_seeds_from_other_folders_join_their_point(fixture_sweep: Path, tmp_path
     assert [c[headers.index("n")] for c in cells] == ["4/4", "3/3", "1"]
     # A run at a seed its point already has is a repeat to compare: its own row.
     assert rows[2].runs[0].path == repeat
+    # The heading names the sweeps, and only the runs that kept a row of their own.
+    assert report.title([fixture_sweep, seed2, lone, repeat], rows) == "fixture; repeat_seed0"
+    assert report.title([fixture_sweep, lone]) == "fixture; lone_seed3"
     # A run given again, alone or inside its sweep, counts once.
     again, _ = report.collect([fixture_sweep, seed2, lone, repeat, lone,
                                fixture_sweep / point, fixture_sweep])
