@@ -346,3 +346,20 @@ def test_one_sweep_process_per_folder(fake_sweep) -> None:
     assert sweep.statuses(out)[0].state == "interrupted"  # its trainer died early
     result = sweep.run_sweep(out, sweep.read_manifest(out), jobs=4, poll_s=0.05, command=command)
     assert all(s.state == "finished" for s in result.statuses)
+
+
+def test_more_seeds_later_train_only_the_new_runs_and_pool_in_report(fake_sweep, tmp_path) -> None:
+    from eicl_cli import report
+    out, command = fake_sweep
+    result = sweep.run_sweep(out, sweep.read_manifest(out), jobs=2, poll_s=0.05, command=command)
+    assert result.launched == 4
+    # The same sweep file with a third seed, into the same folder.
+    spec = sweep.load_sweep(write_sweep(tmp_path, SMALL.replace("[0, 1]", "[0, 1, 2]")))
+    sweep.write_manifest(out, spec, sweep.expand(spec))
+    manifest = sweep.read_manifest(out)
+    assert len(manifest["runs"]) == 6
+    result = sweep.run_sweep(out, manifest, jobs=2, poll_s=0.05, command=command)
+    assert result.launched == 2 and all(s.state == "finished" for s in result.statuses)
+    assert all(len(attempts(out, r["name"])) == 1 for r in manifest["runs"])
+    rows, _ = report.collect([out])
+    assert [len(r.runs) for r in rows] == [3, 3]
