@@ -347,7 +347,8 @@ def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query"
     other = "accuracy_closed" if metric == "accuracy_query" else "accuracy_query"
     tag = {"accuracy_query": "strict", "accuracy_closed": "closed"}
     show_source = len({r.source for r in rows}) > 1
-    show_label = not keys or any(not r.source for r in rows)
+    # Lone runs need a name column, unless a zip sweep's label column can hold it.
+    show_label = (not keys or any(not r.source for r in rows)) and "label" not in keys
     iwl_modes = {r.iwl_mode for r in rows if r.runs}
     # A note every row shares goes under the table instead of in each row.
     shared = set.intersection(*(set(r.notes) for r in rows)) if rows else set()
@@ -365,7 +366,8 @@ def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query"
     cells = []
     for r in rows:
         line = ([r.source] if show_source else []) + ([r.label] if show_label else [])
-        line += [sweep.format_value(r.values[k]) if k in r.values else "" for k in keys]
+        line += [sweep.format_value(r.values[k]) if k in r.values
+                 else r.label if k == "label" and not r.source else "" for k in keys]
         last = [x.last_step for x in r.runs if x.last_step is not None]
         step = _steps_text(last) if last else "-"
         line += [f"{len(r.runs)}/{r.expected_runs}" if r.expected_runs > 1 else str(len(r.runs)),

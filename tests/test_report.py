@@ -290,6 +290,11 @@ def test_zip_keys_stay_behind_their_labels_but_an_unswept_difference_shows(
             plain.sequences, bursty_shots=2)), icl_curve(0.9, 5), iwl_curve(0.9, 5))
     rows, keys = report.collect([out, lone])
     assert [_label(r, keys) for r in rows] == ["plain", "zipf", "mine, bursty_shots=2"]
+    # In the table the run's name goes in the labels' column, not a second one.
+    headers, cells, _ = report.table(rows, keys)
+    assert headers[:3] == ["sweep", "label", "bursty_shots"]
+    assert [c[:3] for c in cells] == [["sweep_out", "plain", "4"], ["sweep_out", "zipf", "3"],
+                                      ["", "mine", "2"]]
 
 
 def test_sections_a_model_does_not_use_are_no_difference(tmp_path: Path) -> None:
