@@ -7,8 +7,8 @@ accuracy on the run's no_support mode (`no_support_zipfian`, else
 `no_support_common`, else `no_support_rare`, whichever its config evaluates).
 A sweep folder gives one row per point: mean and standard deviation over its
 seeds; runs of other folders that differ from a row only in seed join it
-(seeds added later, in another sweep or run). Rows are marked when their data is synthetic or when their eval modes
-differ from the other rows'.
+(seeds added later, in another sweep or run). Rows are marked when their data
+is synthetic or when their eval modes differ from the other rows'.
 """
 
 from __future__ import annotations
@@ -202,21 +202,21 @@ def _pool(rows: list[Row]) -> list[Row]:
     the mean and std are then over every seed given. Runs of one experiment at
     the same seed stay apart: those are repeats being compared (two devices,
     two compiled steps), not more samples."""
-    out: list[Row] = []
+    out: list[tuple[str | None, Row]] = []  # each kept row with its experiment
     for row in rows:
         key = _experiment(row)
         seeds = {r.config.run.seed for r in row.runs}
-        into = next((o for o in out if key is not None and _experiment(o) == key
+        into = next((o for k, o in out if key is not None and k == key
                      and not seeds & {r.config.run.seed for r in o.runs}), None)
         if into is None:
-            out.append(row)
+            out.append((key, row))
             continue
         into.runs = into.runs + row.runs
         into.expected_runs += row.expected_runs
         sources = [x for x in into.source.split(" + ") + [row.source] if x]
         into.source = " + ".join(dict.fromkeys(sources))
         into.values = {**row.values, **into.values}
-    return out
+    return [row for _, row in out]
 
 
 def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]:
