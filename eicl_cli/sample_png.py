@@ -9,8 +9,7 @@ only preproc.invert is left out, so ink stays dark and the grid stays readable.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from .config import Config
 from .data.augment import apply_variant
 from .data.sequences import Batch
 from .errors import EiclError
+from .runs import atomic_write_bytes
 
 MIN_CELL = 84  # pixels: small (downsampled) images are enlarged to at least this
 CAPTION = 16
@@ -100,12 +100,6 @@ def write_png(path: Path, batch: Batch, dataset: Any, cfg: Config, seed: int = 0
     path = Path(path)
     if not path.parent.exists():
         raise EiclError(f"--png {path}: folder {path.parent} does not exist")
-    image = render(batch, dataset, cfg, seed)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    render(batch, dataset, cfg, seed).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -48,6 +48,19 @@ def test_build_from_zips_then_up_to_date_then_force(fake, tmp_path):
     assert leftovers(tmp_path) == ["omniglot.safetensors"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_cache_gets_the_mode_of_an_ordinary_file(fake, tmp_path, umask):
+    """The cache is written through a unique temporary file (mkstemp, mode
+    0600); it must end with the umask's mode, so a lab can share one folder."""
+    import os
+    old = os.umask(umask)
+    try:
+        r = prepare_data(str(fake.folder), tmp_path)
+    finally:
+        os.umask(old)
+    assert r.path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_one_zip_path_and_extracted_folders_give_the_same_cache(fake, tmp_path):
     a = prepare_data(str(fake.background_zip), tmp_path / "a")
     tree = write_fake_omniglot(tmp_path / "tree", extracted=True)
@@ -215,7 +228,8 @@ def test_tfds_conversion_with_a_stand_in_module(fake, tmp_path, monkeypatch):
         for i in rows:
             rgb = np.repeat(fake.images[i][..., None] * 255, 3, axis=-1).astype(np.uint8)
             yield {"image": rgb, "label": np.int64(fake.image_class[i]),
-                   "alphabet": np.int64(alphabet_of[i])}
+                   "alphabet": np.int64(alphabet_of[i]),
+                   "alphabet_char_id": np.int64(fake.image_class[i] % 3)}
 
     info = types.SimpleNamespace(
         features={"alphabet": types.SimpleNamespace(names=fake.alphabets)},

@@ -317,9 +317,12 @@ def fetch_official(data_dir: Path, urls: dict[str, str],
 # ---------------------------------------------------------------- TFDS
 
 def read_tfds(progress: Progress | None = None) -> RawSet:
-    """Convert TFDS `omniglot` (train = background, test = evaluation).
-    TFDS keeps no drawer number, so drawers are numbered 1..20 in the order
-    TFDS yields a class's images."""
+    """Convert TFDS `omniglot` (train = background, test = evaluation) into
+    the cache the zips give: same class ids, alphabet numbering and character
+    names. TFDS keeps no drawer number, so drawers are numbered 1..20 in the
+    order TFDS yields a class's images; that order is what the original code's
+    `single` and `separated` exemplar modes see (its first image per class),
+    not drawer 01 (see the README)."""
     try:
         import tensorflow_datasets as tfds  # optional extra
     except ImportError:
@@ -330,7 +333,7 @@ def read_tfds(progress: Progress | None = None) -> RawSet:
         builder.download_and_prepare()
         alphabets = list(builder.info.features["alphabet"].names)
         version = str(builder.info.version)
-        images, classes, alpha, bg = [], [], [], []
+        images, classes, alpha, char_id, bg = [], [], [], [], []
         total = sum(builder.info.splits[s].num_examples for s in ("train", "test"))
         for split in ("train", "test"):
             for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
@@ -341,6 +344,7 @@ def read_tfds(progress: Progress | None = None) -> RawSet:
                 images.append((rgb.reshape(IMAGE_SIZE, IMAGE_SIZE, -1).mean(-1) >= 128).astype(np.uint8))
                 classes.append(int(ex["label"]))
                 alpha.append(int(ex["alphabet"]))
+                char_id.append(int(ex["alphabet_char_id"]))
                 bg.append(split == "train")
                 if progress is not None and (len(images) % 500 == 0 or len(images) == total):
                     progress(len(images), total)
@@ -354,19 +358,30 @@ def read_tfds(progress: Progress | None = None) -> RawSet:
     ranks = np.empty(len(cls), np.int64)
     ranks[order] = np.arange(len(cls)) - np.searchsorted(cls[order], cls[order])
     n_classes = int(cls.max()) + 1
+    # TFDS sorts alphabets by name; the zips' reader numbers them by their
+    # first class id. Renumber so both sources give the same cache.
+    alpha_tfds = np.array(alpha, np.int64)
+    first_class = np.full(len(alphabets), n_classes)
+    np.minimum.at(first_class, alpha_tfds, cls)
+    present = np.flatnonzero(first_class < n_classes)
+    by_first = present[np.argsort(first_class[present], kind="stable")]
+    renumber = np.zeros(len(alphabets), np.int64)
+    renumber[by_first] = np.arange(len(by_first))
+    alphabet_names = [alphabets[a] for a in by_first]
+    alpha_new = renumber[alpha_tfds]
     a_of_c = np.zeros(n_classes, np.int64)
-    a_of_c[cls] = alpha
-    character_names = []
-    for c in range(n_classes):
-        k = int(np.sum(a_of_c[:c] == a_of_c[c]))
-        character_names.append(f"{alphabets[a_of_c[c]]}/character{k + 1:02d}")
+    a_of_c[cls] = alpha_new
+    k_of_c = np.zeros(n_classes, np.int64)
+    k_of_c[cls] = char_id  # TFDS's alphabet_char_id is characterNN - 1
+    character_names = [f"{alphabet_names[a_of_c[c]]}/character{k_of_c[c] + 1:02d}"
+                       for c in range(n_classes)]
     return RawSet(
         images=np.stack(images),
         image_class=cls,
         image_drawer=(ranks + 1).astype(np.int8),
-        image_alphabet=np.array(alpha, np.int16),
+        image_alphabet=alpha_new.astype(np.int16),
         image_background=np.array(bg, bool),
-        alphabet_names=alphabets,
+        alphabet_names=alphabet_names,
         character_names=character_names,
         kind="omniglot",
         source=f"tfds omniglot {version}",
