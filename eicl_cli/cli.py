@@ -139,15 +139,23 @@ def train(
                                         f"encoder), {cfg.num_classes} classes")
         return
     from .data.dataset import load_dataset
+    from .parallel import is_writer, process_count
+    if process_count() > 1 and resume is None and out is None:
+        # A default name holds the start time, which the hosts would not agree on.
+        raise EiclError("multi-host training needs --out RUN (a folder on a filesystem every "
+                        "host shares) or --resume RUN, so that all processes name one folder")
     train_mod.enable_compile_cache(cfg)
     dataset = load_dataset(cfg)  # before making a folder, so a missing cache leaves none
     if resume is not None:
         run_dir = resume
     else:
         cfg = train_mod.with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)
-        run_dir = runs.new_run_dir(cfg, config, out)
-        runs.write_config(run_dir, cfg)
-        display.info(f"run folder: {run_dir}")
+        if is_writer():  # process 0 makes the folder; the others write nothing
+            run_dir = runs.new_run_dir(cfg, config, out)
+            runs.write_config(run_dir, cfg)
+            display.info(f"run folder: {run_dir}")
+        else:
+            run_dir = out
     try:
         outcome = train_mod.train(cfg, run_dir, resume=resume is not None, dataset=dataset)
     except KeyboardInterrupt:  # a second Ctrl+C: quit at once, no checkpoint

@@ -45,6 +45,10 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
         jax.distributed.initialize()
 
 
+def process_count() -> int:
+    return jax.process_count()
+
+
 def is_writer() -> bool:
     """Only process 0 writes run files; every process computes."""
     return jax.process_index() == 0
@@ -89,6 +93,10 @@ class Placement:
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # Typed PRNG keys have no NumPy form: place their bits, then rewrap.
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                        impl=jax.random.key_impl(x))
     # Each process holds the whole (identical) global array and passes its rows.
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -312,9 +312,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
             model, state, opt_state = restored.model, restored.state, restored.opt_state
             start = restored.step
             elapsed_before = float(restored.metadata.get("elapsed", 0.0))
-        runs.truncate_metrics(run_dir, start)
-        if (run_dir / runs.CONFIG_FILE).read_text() != config_toml:
-            runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)
+        if parallel.is_writer():
+            runs.truncate_metrics(run_dir, start)
+            if (run_dir / runs.CONFIG_FILE).read_text() != config_toml:
+                runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)
     total = cfg.run.steps
     if start >= total:
         return Outcome(run_dir, start, "already_done")

@@ -19,24 +19,72 @@ OVERRIDES = ["embedding.example_encoder=\"resnet\"", "embedding.resnet_blocks_pe
              "run.eval_every=6", "run.checkpoint_every=6", "train.batch_size=8"]
 
 
-def _train(data_dir: Path, out: Path, devices: int) -> list[float]:
+def _args(data_dir: Path, out: Path) -> list[str]:
     sets = [a for o in OVERRIDES for a in ("--set", o)]
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "EICL_NO_COMPILE_CACHE": "1"}
-    proc = eicl("train", "--config", str(TINY), "--out", str(out), *sets,
-                "--set", f'data.data_dir="{data_dir}"', data_dir=data_dir, env=env)
+    return ["train", "--config", str(TINY), "--out", str(out), *sets,
+            "--set", f'data.data_dir="{data_dir}"']
+
+
+def _env(devices: int) -> dict[str, str]:
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "EICL_NO_COMPILE_CACHE": "1"}
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in runs.read_metrics(run, kind="train")]
+
+
+def _train(data_dir: Path, out: Path, devices: int) -> list[float]:
+    proc = eicl(*_args(data_dir, out), data_dir=data_dir, env=_env(devices))
     assert proc.returncode == 0, proc.stderr
-    return [r["loss"] for r in runs.read_metrics(out, kind="train")]
+    return _losses(out)
 
 
-@pytest.mark.slow  # two fresh processes, each compiling the step
-def test_two_devices_follow_the_one_device_trajectory(data_dir: Path, tmp_path: Path):
-    one = _train(data_dir, tmp_path / "one", 1)
-    two = _train(data_dir, tmp_path / "two", 2)
-    assert len(one) == 6
-    np.testing.assert_allclose(two, one, rtol=2e-5, atol=2e-6)
-    a = tensors(runs.checkpoint_path(tmp_path / "one", 6))
-    b = tensors(runs.checkpoint_path(tmp_path / "two", 6))
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes(data_dir: Path, args: list[str], n: int = 2,
+               ok: bool = True) -> list[tuple[int, str]]:
+    """`eicl ARGS` as n processes of one multi-host run (one CPU device each,
+    on this machine); returns each one's exit status and output."""
+    import os
+    import subprocess
+    import sys
+    port = _free_port()
+    env = {**os.environ, "EICL_DATA_DIR": str(data_dir), **_env(1)}
+    procs = [subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", *args,
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+                               "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(n)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    if ok:
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, out[-3000:]
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+@pytest.fixture(scope="module")
+def one_device(data_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert len(_train(data_dir, out, 1)) == 6
+    return out
+
+
+def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    a = tensors(runs.checkpoint_path(a_dir, 6))
+    b = tensors(runs.checkpoint_path(b_dir, 6))
     assert a.keys() == b.keys()
     # Batch norm's running statistics: those of the global batch on both.
     for name in [n for n in a if n.startswith("state.")]:
@@ -45,6 +93,57 @@ def test_two_devices_follow_the_one_device_trajectory(data_dir: Path, tmp_path: 
     # attention keys' bias) into full-size steps, so compare at the step size.
     for name in [n for n in a if n.startswith("params.")]:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-3, atol=5e-4, err_msg=name)
+
+
+@pytest.mark.slow  # a fresh process compiling the step
+def test_two_devices_follow_the_one_device_trajectory(one_device: Path, data_dir: Path,
+                                                      tmp_path: Path):
+    two = _train(data_dir, tmp_path / "two", 2)
+    np.testing.assert_allclose(two, _losses(one_device), rtol=2e-5, atol=2e-6)
+    _assert_same_run(one_device, tmp_path / "two")
+
+
+@pytest.mark.slow  # two processes, then two more to resume
+def test_two_processes_follow_the_one_device_trajectory_and_resume(one_device: Path,
+                                                                   data_dir: Path,
+                                                                   tmp_path: Path):
+    """Two processes joined by jax.distributed (as two hosts would be, here
+    one CPU device each, collectives over Gloo) train one run: process 0
+    writes the folder, both compute. Then the two resume it from step 3."""
+    run = tmp_path / "hosts"
+    args = _args(data_dir, run)
+    args[args.index("run.checkpoint_every=6")] = "run.checkpoint_every=3"
+    outs = [out for _, out in _processes(data_dir, args)]
+    assert "run folder" in outs[0] and "run folder" not in outs[1]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
+    np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=2e-5, atol=2e-6)
+    _assert_same_run(one_device, run)
+    evals = [r for r in runs.read_metrics(run) if r["kind"] == "eval"]
+    want = [r for r in runs.read_metrics(one_device) if r["kind"] == "eval"]
+    assert [(r["mode"], r["accuracy_query"]) for r in evals] == \
+        [(r["mode"], r["accuracy_query"]) for r in want]
+
+    finished = tensors(runs.checkpoint_path(run, 6))
+    runs.checkpoint_path(run, 6).unlink()  # back to step 3's checkpoint
+    _processes(data_dir, ["train", "--resume", str(run)])
+    assert [r["step"] for r in runs.read_metrics(run, kind="train")] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=2e-5, atol=2e-6)
+    again = tensors(runs.checkpoint_path(run, 6))
+    for name in finished:
+        np.testing.assert_array_equal(again[name], finished[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_multi_host_needs_a_named_run_folder(data_dir: Path, tmp_path: Path):
+    """A default folder name holds the start time, which the hosts would not
+    agree on: refused on every process, and nothing is written."""
+    args = _args(data_dir, tmp_path / "x")
+    args = args[:args.index("--out")] + args[args.index("--out") + 2:]
+    args += ["--set", f'run.out_dir="{tmp_path / "runs"}"']
+    for code, out in _processes(data_dir, args, ok=False):
+        assert code == 2, out[-3000:]
+        assert "multi-host training needs --out RUN" in out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_batch_must_split_evenly_over_devices():
