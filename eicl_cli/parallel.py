@@ -37,12 +37,27 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
                         "and --process-id I together (or --distributed to read them from "
                         "the cluster environment)")
     if all(given):
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise EiclError(f"--coordinator {coordinator!r} must be HOST:PORT, the address of "
+                            "process 0 and a free port on it (e.g. node001:12345)")
+        if num_processes < 1:
+            raise EiclError(f"--num-processes {num_processes} must be at least 1")
         if not 0 <= process_id < num_processes:
             raise EiclError(f"--process-id {process_id} must be in 0..{num_processes - 1}")
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=num_processes, process_id=process_id)
+        _join(f"at {coordinator}", coordinator_address=coordinator,
+              num_processes=num_processes, process_id=process_id)
     elif auto:
-        jax.distributed.initialize()
+        _join("from the cluster environment (--distributed; outside SLURM, Open MPI or a "
+              "TPU pod give --coordinator, --num-processes and --process-id)")
+
+
+def _join(where: str, **kwargs: Any) -> None:
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # JaxRuntimeError is a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EiclError(f"could not join the multi-host run {where}: {first}") from None
 
 
 def process_count() -> int:

@@ -159,3 +159,15 @@ def test_multi_host_flags_come_together():
         parallel.initialize_distributed("localhost:1234", None, 0)
     with pytest.raises(EiclError, match="process-id 2"):
         parallel.initialize_distributed("localhost:1234", 2, 2)
+    for bad in ("localhost", ":1234", "node1:port", "node1:70000"):
+        with pytest.raises(EiclError, match=f"--coordinator '{bad}' must be HOST:PORT"):
+            parallel.initialize_distributed(bad, 2, 0)
+
+
+def test_distributed_outside_a_cluster_is_one_line(monkeypatch):
+    import os
+    for var in [v for v in os.environ if v.startswith(("SLURM_", "OMPI_", "TPU_"))]:
+        monkeypatch.delenv(var)
+    with pytest.raises(EiclError, match=r"could not join the multi-host run from the cluster "
+                                        r"environment .*coordinator_address"):
+        parallel.initialize_distributed(None, None, None, auto=True)
