@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import config as config_mod
-from . import runs
+from . import runs, sweep_devices
 from .errors import EiclError
 
 MANIFEST = "manifest.json"
@@ -528,6 +528,7 @@ class Task:
     log: Path
     proc: subprocess.Popen | None = None
     started: float = 0.0
+    slot: int = 0  # which of the --jobs slots (and so which GPUs) it runs in
 
 
 def train_command(sweep_dir: Path, name: str, resume: bool) -> list[str]:
@@ -631,15 +632,6 @@ class SweepResult:
     launched: int
 
 
-def child_env(jobs: int) -> dict[str, str]:
-    """Share one accelerator among `jobs` processes: JAX would otherwise let
-    each one claim 75% of its memory."""
-    env = dict(os.environ)
-    if jobs > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env:
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.75, 0.9 / jobs):.3f}"
-    return env
-
-
 def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
               on_change: Callable[[list[RunStatus], str], None] | None = None,
               poll_s: float = 1.0, stop_timeout_s: float = 300.0,
@@ -693,15 +685,22 @@ def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         launched = 0
-        env = child_env(jobs)
+        gpus = sweep_devices.visible_gpus()
+        slots = sweep_devices.device_slots(jobs, gpus)
+        sharing = sweep_devices.jobs_per_device(jobs, gpus)
+        free = list(range(jobs))
         try:
             while queue or active:
                 while queue and len(active) < jobs and not stopping["count"]:
                     task = queue.pop(0)
+                    task.slot = free.pop(0)
+                    visible = slots[task.slot]
+                    env = sweep_devices.child_env(dict(os.environ), visible, sharing)
+                    where = f" [CUDA_VISIBLE_DEVICES={visible}]" if visible is not None else ""
                     task.log.parent.mkdir(parents=True, exist_ok=True)
                     log = open(task.log, "ab")
                     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                              f"{' '.join(task.command)}\n".encode())
+                              f"{' '.join(task.command)}{where}\n".encode())
                     log.flush()
                     # Own process group: we decide when children get SIGINT, so a
                     # terminal Ctrl+C and a programmatic stop behave the same.
@@ -717,13 +716,16 @@ def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
                                        "started": task.started,
                                        "attempts": state.get(name, {}).get("attempts", 0) + 1}
                     write_state(sweep_dir, state)
-                    notify(statuses(sweep_dir, manifest), f"started {', '.join(task.runs)}")
+                    on = f" on GPU {visible}" if visible is not None else ""
+                    notify(statuses(sweep_dir, manifest), f"started {', '.join(task.runs)}{on}")
                 if stopping["count"] and queue:
                     queue.clear()
                 time.sleep(poll_s)
                 done = [t for t in active if t.proc.poll() is not None]
                 for task in done:
                     active.remove(task)
+                    free.append(task.slot)
+                    free.sort()
                     rc = task.proc.returncode
                     for name in task.runs:
                         steps = _steps(manifest, name)

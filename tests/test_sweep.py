@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -199,7 +200,7 @@ def test_manifest_written_and_guarded(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- runner (stand-in trainer)
 
 FAKE_TRAIN = r'''
-import json, os, signal, sys, time, tomllib
+import atexit, json, os, signal, sys, time, tomllib
 from pathlib import Path
 
 args = sys.argv[1:]
@@ -213,6 +214,15 @@ else:
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text(config.read_text())
 cfg = tomllib.loads((run / "config.toml").read_text())
+started = time.time()
+
+@atexit.register
+def _record_devices():  # which GPUs this attempt saw, and when it ran
+    with open(run / "devices.jsonl", "a") as f:
+        f.write(json.dumps({"gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "mem": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+                            "start": started, "end": time.time()}) + "\n")
+
 if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in run.name:
     sys.exit(3)
 ckpts = sorted(int(p.stem[5:]) for p in (run / "checkpoints").glob("step_*.safetensors"))
@@ -314,6 +324,70 @@ def test_runner_interrupt_then_restart_skips_finished(fake_sweep, monkeypatch) -
     # A third start finds nothing to do.
     result = sweep.run_sweep(out, manifest, jobs=2, poll_s=0.05, command=command)
     assert result.launched == 0
+
+
+def _attempt_devices(out: Path, names: list[str]) -> list[dict]:
+    return [json.loads(line) for n in names
+            for line in (out / n / "devices.jsonl").read_text().splitlines()]
+
+
+def test_jobs_get_gpus_of_their_own(fake_sweep, monkeypatch) -> None:
+    """With 2 visible GPUs and --jobs 2, each run sees one GPU and no two runs
+    use one GPU at the same time; with --jobs 4 two share each GPU, with half
+    the memory fraction each."""
+    out, command = fake_sweep
+    manifest = sweep.read_manifest(out)
+    names = [r["name"] for r in manifest["runs"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.setenv("FAKE_DELAY", "0.02")
+    result = sweep.run_sweep(out, manifest, jobs=2, poll_s=0.02, command=command)
+    assert all(s.state == "finished" for s in result.statuses)
+    spans = _attempt_devices(out, names)
+    assert len(spans) == 4 and {s["gpus"] for s in spans} == {"3", "5"}
+    assert all(s["mem"] is None for s in spans)  # one job per GPU: JAX's default
+    for i, a in enumerate(spans):
+        for b in spans[i + 1:]:
+            if a["gpus"] == b["gpus"]:
+                assert a["end"] <= b["start"] or b["end"] <= a["start"], (a, b)
+    assert "[CUDA_VISIBLE_DEVICES=3]" in attempts(out, names[0])[0]
+
+    for n in names:  # train them again, four at once
+        shutil.rmtree(out / n)
+    (out / "state.json").unlink()
+    result = sweep.run_sweep(out, manifest, jobs=4, poll_s=0.02, command=command)
+    assert all(s.state == "finished" for s in result.statuses)
+    spans = _attempt_devices(out, names)
+    assert sorted(s["gpus"] for s in spans) == ["3", "3", "5", "5"]
+    assert {s["mem"] for s in spans} == {"0.450"}
+
+
+def test_gpu_slots_and_where_gpus_come_from(tmp_path, monkeypatch) -> None:
+    from eicl_cli import sweep_devices as sd
+    assert sd.device_slots(3, []) == [None] * 3 and sd.device_slots(2, ["0"]) == [None] * 2
+    assert sd.device_slots(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert sd.device_slots(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]  # equal shares only
+    assert sd.device_slots(5, ["0", "1"]) == ["0", "1", "0", "1", "0"]
+    assert [sd.jobs_per_device(j, g) for j, g in ((4, []), (4, ["0"]), (5, ["0", "1"]))] == [4, 4, 3]
+    env = sd.child_env({"PATH": "x"}, "1", 2)
+    assert env == {"PATH": "x", "CUDA_VISIBLE_DEVICES": "1", sd.MEM_FRACTION: "0.450"}
+    assert sd.child_env({sd.MEM_FRACTION: "0.2"}, None, 4) == {sd.MEM_FRACTION: "0.2"}
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8f1c,-1,4")
+    assert sd.visible_gpus() == ["2", "GPU-8f1c"]  # CUDA stops at an invalid entry
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sd.visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\nprintf '0\\n1\\n2\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(smi.parent))
+    assert sd.visible_gpus() == ["0", "1", "2"]
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    assert sd.visible_gpus() == []
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    assert sd.visible_gpus() == []
 
 
 def test_runner_records_failures_and_retries_them(fake_sweep, monkeypatch) -> None:
