@@ -164,10 +164,14 @@ def test_multi_host_flags_come_together():
             parallel.initialize_distributed(bad, 2, 0)
 
 
-def test_distributed_outside_a_cluster_is_one_line(monkeypatch):
+def test_distributed_outside_a_cluster_is_one_line(data_dir: Path, tmp_path: Path):
+    """In a fresh process, as JAX must not have started before it joins."""
     import os
-    for var in [v for v in os.environ if v.startswith(("SLURM_", "OMPI_", "TPU_"))]:
-        monkeypatch.delenv(var)
-    with pytest.raises(EiclError, match=r"could not join the multi-host run from the cluster "
-                                        r"environment .*coordinator_address"):
-        parallel.initialize_distributed(None, None, None, auto=True)
+    env = {v: "" for v in os.environ if v.startswith(("SLURM_", "OMPI_", "TPU_"))}
+    proc = eicl(*_args(data_dir, tmp_path / "run"), "--distributed", data_dir=data_dir,
+                env={**env, **_env(1)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: could not join the multi-host run from the cluster environment"), lines
+    assert not (tmp_path / "run").exists()
