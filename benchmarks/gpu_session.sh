@@ -8,7 +8,8 @@
 #   2. the same paper and quickstart benches for other copies of the package
 #      carried in runs/old/eicl_cli (a baseline) and runs/alt/eicl_cli (a
 #      variant), where present: A/B on one machine;
-#   3. where the paper config's step spends its time (benchmarks/profile_step.py);
+#   3. where the paper config's step spends its time (benchmarks/profile_step.py),
+#      and its model pass alone, one replica and 8 stacked;
 #   4. the paper config (images_all_exemplars) trained for the time left (issue 9).
 # With the plan `paper`, the paper run comes first instead: it trains in
 # runs/gpu-paper (kept on a warm machine between calls) and resumes from there,
@@ -126,6 +127,11 @@ bench "$ROOT" 110 -c "$PAPER" --steps 150 --stack 8 $UNROLLED >>"$OUT/bench.json
 
 stamp profile
 PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 90 $PY benchmarks/profile_step.py "$PAPER" --steps 30 >"$OUT/profile_paper.txt" 2>>"$LOG"
+# Where 8 stacked replicas' extra time goes (vmapped convolutions?), beside one.
+PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 90 $PY benchmarks/profile_step.py "$PAPER" --model-only \
+  --stack 8 --steps 10 >"$OUT/profile_paper_stack8.txt" 2>>"$LOG"
+PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 60 $PY benchmarks/profile_step.py "$PAPER" --model-only \
+  --steps 10 >"$OUT/profile_paper_model.txt" 2>>"$LOG"
 
 stamp paper
 PAPER_S=$(( $(left) - 15 ))

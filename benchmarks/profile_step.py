@@ -4,6 +4,7 @@ steps (run as `eicl bench` runs them) under jax.profiler, summed by name
 
     python benchmarks/profile_step.py configs/quickstart.toml [--steps 50] [--set k=v ...]
     python benchmarks/profile_step.py configs/images_all_exemplars.toml --model-only --steps 3
+    python benchmarks/profile_step.py configs/images_all_exemplars.toml --model-only --stack 2
 
 `--model-only` profiles the model's forward and backward pass alone (random
 images, no optimizer, no data pipeline). Use it for the paper config: on the
@@ -33,7 +34,7 @@ import numpy as np
 from eicl_cli import bench
 from eicl_cli import config as config_mod
 from eicl_cli.metrics import loss_fn
-from eicl_cli.model import build_model, default_image_shape, forward_batch
+from eicl_cli.model import default_image_shape, forward_batch
 
 
 def _traced(run: Callable[[], None]) -> list[dict]:
@@ -44,18 +45,24 @@ def _traced(run: Callable[[], None]) -> list[dict]:
     return events["traceEvents"] if isinstance(events, dict) else events
 
 
-def _model_only(cfg: config_mod.Config, steps: int) -> Callable[[], None]:
+def _model_only(cfg: config_mod.Config, steps: int, stack: int = 1) -> Callable[[], None]:
     """A jitted forward + backward of the config's model on random binary
-    images and labels of the training batch's shape, compiled and run once."""
+    images and labels of the training batch's shape, compiled and run once.
+    `stack` K > 1: K model replicas under vmap, each on its own batch, as
+    `eicl sweep --stack K` runs them."""
+    from eicl_cli.stack import stack_trees
+    from eicl_cli.train import build_model_shared  # one pytree structure for all replicas
     image_shape = default_image_shape(cfg)
-    model, state = build_model(cfg, jax.random.key(0), image_shape)
+    built = [build_model_shared(cfg, jax.random.key(i), image_shape) for i in range(stack)]
+    model, state = built[0] if stack == 1 else (stack_trees([m for m, _ in built]),
+                                                stack_trees([s for _, s in built]))
     rng = np.random.default_rng(0)
     b, length = cfg.train.batch_size, cfg.sequences.seq_len
-    examples = jnp.asarray((rng.random((b, length, *image_shape)) > 0.7).astype(np.float32))
-    labels = jnp.asarray(rng.integers(0, model.num_classes, (b, length)).astype(np.int32))
+    lead = (b, length) if stack == 1 else (stack, b, length)
+    examples = jnp.asarray((rng.random((*lead, *image_shape)) > 0.7).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, built[0][0].num_classes, lead).astype(np.int32))
 
-    @eqx.filter_jit
-    def step(m, st, examples, labels):
+    def one(m, st, examples, labels):
         # The data are arguments, not closed-over constants: XLA would
         # otherwise fold everything computed from the images at compile time.
         def loss(m):
@@ -63,6 +70,8 @@ def _model_only(cfg: config_mod.Config, steps: int) -> Callable[[], None]:
                                               inference=False, query_only=True)
             return loss_fn(logits, labels), new_state
         return eqx.filter_value_and_grad(loss, has_aux=True)(m)
+
+    step = eqx.filter_jit(one if stack == 1 else eqx.filter_vmap(one))
 
     def run(n: int) -> None:
         nonlocal state
@@ -81,10 +90,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--model-only", action="store_true")
+    parser.add_argument("--stack", type=int, default=1,
+                        help="with --model-only: K replicas under vmap, as sweep --stack K")
     args = parser.parse_args()
     cfg = config_mod.load(args.config, args.overrides)
     if args.model_only:
-        run = _model_only(cfg, args.steps)
+        run = _model_only(cfg, args.steps, args.stack)
     else:
         # Data, model and compilation outside the trace, so the table holds
         # the timed steps alone (a GPU tracer records every kernel it sees).
