@@ -686,7 +686,8 @@ def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         launched = 0
         gpus = sweep_devices.visible_gpus()
-        slots = sweep_devices.device_slots(jobs, gpus)
+        slots = sweep_devices.device_slots(
+            jobs, gpus, [r["config"]["train"]["batch_size"] for r in manifest["runs"]])
         sharing = sweep_devices.jobs_per_device(jobs, gpus)
         free = list(range(jobs))
         try:

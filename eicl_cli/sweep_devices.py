@@ -5,7 +5,8 @@ On a machine with several NVIDIA GPUs every `eicl train` would otherwise see
 all of them and split its batch over all of them, N processes at once. Instead
 the sweep gives each of its N job slots its own share: with N >= G GPUs, slot
 i gets GPU i mod G (jobs share a GPU only when there are more jobs than GPUs);
-with N < G, each slot gets G // N GPUs and trains data parallel over them. The
+with N < G, each slot gets G // N GPUs (fewer if the runs' batch size
+would not split evenly) and trains data parallel over them. The
 GPUs are found without starting CUDA in the sweep process: CUDA_VISIBLE_DEVICES
 when it is set (so it also chooses the pool), else `nvidia-smi`.
 """
@@ -43,14 +44,17 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
 
 
-def device_slots(jobs: int, gpus: list[str]) -> list[str | None]:
+def device_slots(jobs: int, gpus: list[str], batch_sizes: list[int] = ()) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES for each job slot; None leaves the environment as
-    it is (no GPU, or only one: every job shares it)."""
+    it is (no GPU, or only one: every job shares it). A slot's GPU count
+    divides every one of `batch_sizes` (a run splits its batch over them)."""
     if len(gpus) < 2:
         return [None] * jobs
     if jobs >= len(gpus):
         return [gpus[i % len(gpus)] for i in range(jobs)]
     per = len(gpus) // jobs
+    while per > 1 and any(b % per for b in batch_sizes):
+        per -= 1
     return [",".join(gpus[i * per:(i + 1) * per]) for i in range(jobs)]
 
 

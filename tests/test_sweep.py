@@ -367,6 +367,9 @@ def test_gpu_slots_and_where_gpus_come_from(tmp_path, monkeypatch) -> None:
     assert sd.device_slots(3, []) == [None] * 3 and sd.device_slots(2, ["0"]) == [None] * 2
     assert sd.device_slots(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
     assert sd.device_slots(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]  # equal shares only
+    six = [str(i) for i in range(6)]
+    assert sd.device_slots(2, six, [32]) == ["0,1", "2,3"]  # 3 GPUs would not split 32
+    assert sd.device_slots(2, six, [24, 48]) == ["0,1,2", "3,4,5"]
     assert sd.device_slots(5, ["0", "1"]) == ["0", "1", "0", "1", "0"]
     assert [sd.jobs_per_device(j, g) for j, g in ((4, []), (4, ["0"]), (5, ["0", "1"]))] == [4, 4, 3]
     env = sd.child_env({"PATH": "x"}, "1", 2)
