@@ -5,6 +5,9 @@ images_evaluation.zip: by default 2 + 2 alphabets with 3 characters each,
 20 drawers per character, real 105 x 105 one-bit PNGs (synthetic glyphs, so
 classes are tell-apart-able), global ids IIII numbered 0001.. without gaps,
 background first, as in the real files. Other tests may import it.
+
+`REAL` is where the real zips lie when this machine has them, and
+`NEEDS_REAL` the marks of a test module that reads them (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from eicl_cli.data.synthetic import synthetic_raw
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+NEEDS_REAL = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(not (REAL / "images_background.zip").is_file()
+                       or not (REAL / "images_evaluation.zip").is_file(),
+                       reason=f"real Omniglot zips not in {REAL}"),
+]
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,9 @@ import pytest
 from eicl_cli import config
 from eicl_cli.data.dataset import load_dataset
 from eicl_cli.prepare import prepare_data
+from omniglot_fixture import NEEDS_REAL, REAL
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-pytestmark = [
-    pytest.mark.real_data,
-    pytest.mark.skipif(not (REAL / "images_background.zip").is_file()
-                       or not (REAL / "images_evaluation.zip").is_file(),
-                       reason=f"real Omniglot zips not in {REAL}"),
-]
+pytestmark = NEEDS_REAL
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,10 @@ import pytest
 
 from eicl_cli.data.cache import read_cache
 from eicl_cli.prepare import prepare_data
+from omniglot_fixture import NEEDS_REAL, REAL
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 tfds = pytest.importorskip("tensorflow_datasets")
-pytestmark = [
-    pytest.mark.real_data,
-    pytest.mark.slow,
-    pytest.mark.skipif(not (REAL / "images_background.zip").is_file()
-                       or not (REAL / "images_evaluation.zip").is_file(),
-                       reason=f"real Omniglot zips not in {REAL}"),
-]
+pytestmark = [*NEEDS_REAL, pytest.mark.slow]
 
 
 def _extract(zip_path: Path, into: Path) -> Path:

@@ -10,17 +10,11 @@ import pytest
 
 from eicl_cli import runs
 from eicl_cli.prepare import prepare_data
+from omniglot_fixture import NEEDS_REAL, REAL
 from train_support import eicl
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "omniglot"
-pytestmark = [
-    pytest.mark.real_data,
-    pytest.mark.slow,
-    pytest.mark.skipif(not (REAL / "images_background.zip").is_file()
-                       or not (REAL / "images_evaluation.zip").is_file(),
-                       reason=f"real Omniglot zips not in {REAL}"),
-]
+pytestmark = [*NEEDS_REAL, pytest.mark.slow]
 
 
 def test_paper_config_trains_and_evaluates_on_real_omniglot(tmp_path: Path):
