@@ -5,6 +5,7 @@ Layout (every other part reads runs through these helpers)::
     RUN/config.toml                         the resolved config (config.to_toml)
     RUN/metrics.jsonl                       one JSON object per line, see below
     RUN/checkpoints/step_00001000.safetensors
+    RUN/.train.lock                         host and pid of the process training it
 
 metrics.jsonl records:
     {"kind": "train", "step", "time", "steps_per_s", "lr", "loss", <metric>...}
@@ -25,10 +26,12 @@ from typing import Any, Iterator
 
 from . import config as config_mod
 from .errors import EiclError
+from .locks import FolderLock
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+TRAIN_LOCK = ".train.lock"
 _CKPT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
@@ -49,6 +52,11 @@ def atomic_write_bytes(path: Path, data: bytes, pause_halfway: float = 0.0) -> N
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def train_lock(run_dir: Path) -> FolderLock:
+    """Held while a process trains the run: a second trainer is refused."""
+    return FolderLock(Path(run_dir) / TRAIN_LOCK, f"run {run_dir}")
 
 
 def fsync_dir(folder: Path) -> None:

@@ -16,6 +16,7 @@ and evaluated like any other, alone or again as part of a stack.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -175,7 +176,15 @@ def train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None =
     """Train (or continue) K run folders in one stacked step up to run.steps.
     Each folder must already hold its config.toml; folders with checkpoints
     resume from their newest intact one, and all must then be at one step.
-    Returns the step every run reached."""
+    Returns the step every run reached. Holds every run's lock throughout."""
+    with contextlib.ExitStack() as held:
+        for run_dir in run_dirs:
+            held.enter_context(runs.train_lock(run_dir))
+        return _train_stack(cfgs, run_dirs, live=live, dataset=dataset)
+
+
+def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
+                 dataset: Any) -> list[int]:
     from .data.dataset import load_dataset
     from .inputs import device_data
     from .optim import learning_rate_schedule

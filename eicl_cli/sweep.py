@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable
 from . import config as config_mod
 from . import runs, sweep_devices
 from .errors import EiclError
+from .locks import FolderLock, pid_alive
 
 MANIFEST = "manifest.json"
 STATE_FILE = "state.json"
@@ -396,18 +397,6 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     return runs.is_run_dir(run_dir) and step is not None and step >= steps
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_state(sweep_dir: Path) -> dict[str, dict]:
     path = Path(sweep_dir) / STATE_FILE
     if not path.is_file():
@@ -428,7 +417,7 @@ def run_state(sweep_dir: Path, name: str, steps: int, recorded: dict | None) -> 
     if is_finished(run_dir, steps):
         return "finished"
     recorded = recorded or {}
-    if recorded.get("state") == "running" and _pid_alive(recorded.get("pid")):
+    if recorded.get("state") == "running" and pid_alive(recorded.get("pid")):
         return "running"
     if recorded.get("state") == "failed":
         return "failed"
@@ -596,33 +585,9 @@ def _prepare_fresh(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-class Lock:
-    """One sweep process per folder: SWEEP_OUT/.sweep.lock holds the owner's pid."""
-
-    def __init__(self, sweep_dir: Path):
-        self.path = Path(sweep_dir) / LOCK_FILE
-
-    def __enter__(self) -> "Lock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if _pid_alive(pid) and pid != os.getpid():
-                    raise EiclError(f"{self.path.parent} is being run by another sweep "
-                                    f"(pid {pid}); wait for it or stop it first") from None
-                self.path.unlink(missing_ok=True)  # its owner died: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise EiclError(f"could not take the lock {self.path}")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+def sweep_lock(sweep_dir: Path) -> FolderLock:
+    """One sweep process per folder (SWEEP_OUT/.sweep.lock)."""
+    return FolderLock(Path(sweep_dir) / LOCK_FILE, f"sweep folder {sweep_dir}")
 
 
 @dataclass
@@ -651,7 +616,7 @@ def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
     if stack < 1:
         raise EiclError(f"--stack {stack}: must be at least 1")
     notify = on_change or (lambda s, m: None)
-    with Lock(sweep_dir):
+    with sweep_lock(sweep_dir):
         state = read_state(sweep_dir)
         todo = []
         for st in statuses(sweep_dir, manifest):

@@ -284,7 +284,16 @@ def _restore(run_dir: Path, model, state, opt_state):
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None = None,
           dataset: Any = None) -> Outcome:
     """Train (or continue) the run in `run_dir` up to cfg.run.steps. `dataset`
-    saves loading it again when the caller already has it."""
+    saves loading it again when the caller already has it. The process that
+    writes the run holds its lock throughout: a second trainer is refused."""
+    if not parallel.is_writer():
+        return _train(cfg, run_dir, resume=resume, live=live, dataset=dataset)
+    with runs.train_lock(run_dir):
+        return _train(cfg, run_dir, resume=resume, live=live, dataset=dataset)
+
+
+def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
+           dataset: Any) -> Outcome:
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
 

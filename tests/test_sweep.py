@@ -411,7 +411,7 @@ def test_runner_records_failures_and_retries_them(fake_sweep, monkeypatch) -> No
 def test_one_sweep_process_per_folder(fake_sweep) -> None:
     out, command = fake_sweep
     (out / sweep.LOCK_FILE).write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(EiclError, match="being run by another sweep"):
+    with pytest.raises(EiclError, match=r"sweep folder .* is in use by pid \d+; wait"):
         sweep.run_sweep(out, sweep.read_manifest(out), jobs=1, command=command)
     (out / sweep.LOCK_FILE).write_text("999999999")  # a dead one: taken over
     name = sweep.read_manifest(out)["runs"][0]["name"]
