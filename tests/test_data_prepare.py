@@ -212,6 +212,23 @@ def test_classes_only_for_synthetic(fake, tmp_path):
         prepare_data(str(fake.folder), tmp_path, classes=5)
 
 
+def test_tfds_failure_is_one_line_and_leaves_no_cache(tmp_path, monkeypatch):
+    """TFDS's own errors (no network: a long urllib3 message) become one line."""
+    import sys
+    import types
+
+    def builder(name):
+        raise ConnectionError("HTTPSConnectionPool(host='github.com', port=443): Max retries\n"
+                              "  (Caused by NameResolutionError(...))")
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(builder=builder))
+    out = runner.invoke(app, ["prepare-data", "--source", "tfds", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines() == [
+        "error: TFDS omniglot could not be loaded: HTTPSConnectionPool(host='github.com', "
+        "port=443): Max retries"]
+    assert leftovers(tmp_path) == []
+
+
 def test_tfds_conversion_with_a_stand_in_module(fake, tmp_path, monkeypatch):
     """The TFDS path, fed by a minimal stand-in for tensorflow_datasets that
     serves the fixture's images as TFDS does (RGB, label, alphabet; no drawer;

@@ -351,7 +351,8 @@ def read_tfds(progress: Progress | None = None) -> RawSet:
     except EiclError:
         raise
     except Exception as e:  # TFDS and TF raise many kinds
-        raise EiclError(f"TFDS omniglot could not be loaded: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EiclError(f"TFDS omniglot could not be loaded: {first}") from None
     cls = np.array(classes, np.int32)
     order = np.argsort(cls, kind="stable")
     # Drawer = rank of the image within its class, in TFDS order.
