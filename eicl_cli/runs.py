@@ -5,6 +5,7 @@ Layout (every other part reads runs through these helpers)::
     RUN/config.toml                         the resolved config (config.to_toml)
     RUN/metrics.jsonl                       one JSON object per line, see below
     RUN/checkpoints/step_00001000.safetensors
+    RUN/environment.jsonl                   what each start or resume ran on (environment.py)
     RUN/.train.lock                         host and pid of the process training it
 
 metrics.jsonl records:
@@ -32,6 +33,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOCK = ".train.lock"
+ENVIRONMENT_FILE = "environment.jsonl"
 _CKPT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
@@ -133,6 +135,25 @@ def append_metrics(run_dir: Path, record: dict) -> None:
     with open(Path(run_dir) / METRICS_FILE, "a") as f:
         f.write(line + "\n")
         f.flush()
+
+
+def append_environment(run_dir: Path, record: dict) -> None:
+    """Append what this start or resume of the run ran on."""
+    with open(Path(run_dir) / ENVIRONMENT_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_environment(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            pass
+    return out
 
 
 def read_metrics(run_dir: Path, kind: str | None = None,

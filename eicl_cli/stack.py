@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, display, runs
+from . import checkpoint, display, environment, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
@@ -233,6 +233,9 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
     total = cfgs[0].run.steps
     if start >= total:
         return [start] * len(cfgs)
+    env = environment.record(start)
+    for run_dir in run_dirs:
+        runs.append_environment(run_dir, {**env, "stacked_with": len(run_dirs)})
 
     r = cfgs[0].run
     step_fn = make_stacked_step(cfgs[0])

@@ -29,7 +29,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import checkpoint, display, parallel, runs
+from . import checkpoint, display, environment, parallel, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
@@ -328,6 +328,8 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     total = cfg.run.steps
     if start >= total:
         return Outcome(run_dir, start, "already_done")
+    if parallel.is_writer():
+        runs.append_environment(run_dir, environment.record(start))
 
     masks = device_label_masks(generator, cfg.sequences.train_kind)
     step_fn = make_train_step(cfg)

@@ -115,7 +115,10 @@ def test_two_processes_follow_the_one_device_trajectory_and_resume(one_device: P
     args[args.index("run.checkpoint_every=6")] = "run.checkpoint_every=3"
     outs = [out for _, out in _processes(data_dir, args)]
     assert "run folder" in outs[0] and "run folder" not in outs[1]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml",
+                                                     "environment.jsonl", "metrics.jsonl"]
+    env = runs.read_environment(run)
+    assert len(env) == 1 and env[0]["processes"] == 2 and env[0]["step"] == 0
     np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=2e-5, atol=2e-6)
     _assert_same_run(one_device, run)
     evals = [r for r in runs.read_metrics(run) if r["kind"] == "eval"]
@@ -126,6 +129,7 @@ def test_two_processes_follow_the_one_device_trajectory_and_resume(one_device: P
     finished = tensors(runs.checkpoint_path(run, 6))
     runs.checkpoint_path(run, 6).unlink()  # back to step 3's checkpoint
     _processes(data_dir, ["train", "--resume", str(run)])
+    assert [e["step"] for e in runs.read_environment(run)] == [0, 3]  # process 0's records only
     assert [r["step"] for r in runs.read_metrics(run, kind="train")] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=2e-5, atol=2e-6)
     again = tensors(runs.checkpoint_path(run, 6))

@@ -67,6 +67,14 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path):
                 for r in runs.read_metrics(run) if r["step"] != 6 or r["kind"] == "train"]
     assert numbers(tmp_path / "whole") == numbers(tmp_path / "split")
     assert [r["step"] for r in runs.read_metrics(tmp_path / "split", kind="train")] == [3, 6, 9, 12]
+    # What each start ran on, so runs that differ in rounding can be told apart.
+    env = runs.read_environment(tmp_path / "split")
+    assert [e["step"] for e in env] == [0, 6]
+    import jax
+    import platform
+    assert env[1]["packages"]["jax"] == jax.__version__ and env[1]["packages"]["eicl"]
+    assert env[1]["backend"] == "cpu" and env[1]["python"] == platform.python_version()
+    assert env[1]["cpu"] and env[1]["cpus"] >= 1 and len(env[1]["devices"]) == jax.device_count()
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint(data_dir: Path, tmp_path: Path, capsys):

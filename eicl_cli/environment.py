@@ -1,0 +1,66 @@
+"""What a run ran on: package versions, Python, the processor, JAX's backend
+and devices.
+
+Float32 training repeats bit for bit on one machine and one set of versions;
+elsewhere it drifts apart in rounding (the quickstart's seed 0 on another CPU
+agreed for 300 steps). So every start and resume of a run appends one of these
+records to RUN/environment.jsonl, and two runs that differ can be told apart.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import jax
+
+PACKAGES = ("eicl", "jax", "jaxlib", "equinox", "optax", "numpy", "safetensors")
+
+
+def cpu_model() -> str:
+    """The processor's name as the kernel reports it (Linux), else what
+    Python's platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def record(step: int) -> dict[str, Any]:
+    """One environment record, for a run (re)starting at `step`."""
+    devices = jax.devices()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count()
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "step": step,
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": cpus,
+        "packages": {p: _version(p) for p in PACKAGES},
+        "backend": jax.default_backend(),
+        "devices": [getattr(d, "device_kind", d.platform) for d in devices],
+        "processes": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "argv": sys.argv[1:],
+    }
