@@ -143,17 +143,21 @@ def append_environment(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_environment(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / ENVIRONMENT_FILE
+def _read_jsonl(path: Path) -> list[dict]:
+    """Every JSON line of `path` ([] if absent); a line cut short by a crash is skipped."""
     if not path.is_file():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            pass
+        except json.JSONDecodeError:
+            continue
     return out
+
+
+def read_environment(run_dir: Path) -> list[dict]:
+    return _read_jsonl(Path(run_dir) / ENVIRONMENT_FILE)
 
 
 def read_metrics(run_dir: Path, kind: str | None = None,
@@ -161,21 +165,9 @@ def read_metrics(run_dir: Path, kind: str | None = None,
     """All records (optionally only one kind / eval mode), in file order.
 
     A last line cut short by a crash is ignored."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if kind is not None and rec.get("kind") != kind:
-            continue
-        if mode is not None and rec.get("mode") != mode:
-            continue
-        out.append(rec)
-    return out
+    return [rec for rec in _read_jsonl(Path(run_dir) / METRICS_FILE)
+            if (kind is None or rec.get("kind") == kind)
+            and (mode is None or rec.get("mode") == mode)]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
