@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .errors import EiclError
+from .errors import EiclError, first_line
 
 AXIS = "data"
 
@@ -56,8 +56,7 @@ def _join(where: str, **kwargs: Any) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:  # JaxRuntimeError is a RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EiclError(f"could not join the multi-host run {where}: {first}") from None
+        raise EiclError(f"could not join the multi-host run {where}: {first_line(e)}") from None
 
 
 def process_count() -> int:

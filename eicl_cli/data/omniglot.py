@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import EiclError
+from ..errors import EiclError, first_line
 from .cache import RawSet, sha256_file
 
 IMAGE_SIZE = 105
@@ -351,8 +351,7 @@ def read_tfds(progress: Progress | None = None) -> RawSet:
     except EiclError:
         raise
     except Exception as e:  # TFDS and TF raise many kinds
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EiclError(f"TFDS omniglot could not be loaded: {first}") from None
+        raise EiclError(f"TFDS omniglot could not be loaded: {first_line(e)}") from None
     cls = np.array(classes, np.int32)
     order = np.argsort(cls, kind="stable")
     # Drawer = rank of the image within its class, in TFDS order.
