@@ -38,7 +38,6 @@ class FolderLock:
     def __init__(self, path: Path, what: str):
         self.path = Path(path)
         self.what = what
-        self.held = False
 
     def _owner(self) -> tuple[str | None, int]:
         try:
@@ -70,11 +69,8 @@ class FolderLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(f"{host} {os.getpid()}\n")
-            self.held = True
             return self
         raise EiclError(f"could not take the lock {self.path}")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        self.path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ bit-for-bit equal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -286,14 +287,13 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
     """Train (or continue) the run in `run_dir` up to cfg.run.steps. `dataset`
     saves loading it again when the caller already has it. The process that
     writes the run holds its lock throughout: a second trainer is refused."""
-    if not parallel.is_writer():
-        return _train(cfg, run_dir, resume=resume, live=live, dataset=dataset)
-    with runs.train_lock(run_dir):
-        return _train(cfg, run_dir, resume=resume, live=live, dataset=dataset)
+    writer = parallel.is_writer()  # only process 0 writes run files
+    with runs.train_lock(run_dir) if writer else contextlib.nullcontext():
+        return _train(cfg, run_dir, resume=resume, live=live, dataset=dataset, writer=writer)
 
 
 def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
-           dataset: Any) -> Outcome:
+           dataset: Any, writer: bool) -> Outcome:
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
 
@@ -321,14 +321,14 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
             model, state, opt_state = restored.model, restored.state, restored.opt_state
             start = restored.step
             elapsed_before = float(restored.metadata.get("elapsed", 0.0))
-        if parallel.is_writer():
+        if writer:
             runs.truncate_metrics(run_dir, start)
             if (run_dir / runs.CONFIG_FILE).read_text() != config_toml:
                 runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)
     total = cfg.run.steps
     if start >= total:
         return Outcome(run_dir, start, "already_done")
-    if parallel.is_writer():
+    if writer:
         runs.append_environment(run_dir, environment.record(start))
 
     masks = device_label_masks(generator, cfg.sequences.train_kind)
@@ -340,7 +340,6 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
         ((data, masks, step_key), model, state, opt_state))
     data = consts[0]
     carry = Carry.pack(model, state, opt_state)
-    writer = parallel.is_writer()  # only process 0 writes run files
     r = cfg.run
     t0 = time.perf_counter()
 
