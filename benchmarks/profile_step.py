@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--stack", type=int, default=1,
                         help="with --model-only: K replicas under vmap, as sweep --stack K")
     args = parser.parse_args()
+    if args.stack < 1 or (args.stack > 1 and not args.model_only):
+        parser.error(f"--stack {args.stack}: a count of at least 1, and only with --model-only")
     cfg = config_mod.load(args.config, args.overrides)
     if args.model_only:
         run = _model_only(cfg, args.steps, args.stack)
