@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One device call that does the GPU checks of issues 8 and 9, in order, each
-# capped so the whole fits one 10-minute call and its results come back:
-#   1. `eicl bench --json`: the paper config, the quickstart config, and the
-#      paper config with --stack 8 (issue 8); each paper bench also with the
-#      layers unrolled (transformer.unroll = 12), and the plain paper bench
-#      again with the layer loop recorded as a CUDA graph (XLA_FLAGS);
-#   2. the same paper and quickstart benches for other copies of the package
+# One device call that does the GPU checks of issue 8, in order, each capped
+# so the whole fits one 10-minute call and its results come back:
+#   1. `eicl bench --json` of the paper config: as it is, with the ResNet's
+#      convolutions as GEMMs (embedding.conv_impl = gemm), then that with the
+#      layers unrolled (transformer.unroll = 12), then that in bfloat16;
+#   2. the same for --stack 8 (as it is, gemm, gemm + unrolled), where the
+#      GEMM form replaces the grouped convolutions vmap makes;
+#   3. the plain paper bench with the layer loop recorded as a CUDA graph
+#      (XLA_FLAGS), and the quickstart config;
+#   4. the same paper and quickstart benches for other copies of the package
 #      carried in runs/old/eicl_cli (a baseline) and runs/alt/eicl_cli (a
 #      variant), where present: A/B on one machine;
-#   3. where the paper config's step spends its time (benchmarks/profile_step.py),
-#      and its model pass alone, one replica and 8 stacked.
+#   5. where the paper config's step spends its time (benchmarks/profile_step.py),
+#      and its model pass alone, 8 stacked (XLA's convolutions, then GEMMs).
 # The issue-8 targets name an H100: call it with kind nvidia-h100-x1.
 # With the plan `paper`, the paper config trains instead (issue 9): it trains in
 # runs/gpu-paper (kept on a warm machine between calls) and resumes from there,
@@ -32,6 +35,8 @@ PLAN=${2:-all}
 PAPER_TARGET_S=${PAPER_TARGET_S:-600}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# cap N: N seconds, or what is left of the budget (at least 1) if less.
+cap() { local l=$(( $(left) - 5 )); l=$(( l < 1 ? 1 : l )); echo $(( $1 < l ? $1 : l )); }
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/eicl-gpu-out}
 mkdir -p "$OUT"
@@ -76,6 +81,10 @@ UNROLLED="--set transformer.unroll=12"
 # layer. The bench line records XLA_FLAGS.
 WHILE_GRAPHS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 QUICK=$ROOT/configs/quickstart.toml
+# The ResNet's convolutions as GEMMs: under vmap (--stack) a batched matmul
+# instead of a grouped convolution.
+GEMM="--set embedding.conv_impl=gemm"
+BF16="--set model.dtype=bfloat16"
 
 if [ "$PLAN" = paper ]; then
   RUN=$ROOT/runs/gpu-paper
@@ -111,26 +120,29 @@ if [ "$PLAN" = paper ]; then
 fi
 
 stamp bench
-bench "$ROOT" 110 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
-bench "$ROOT" 100 -c "$PAPER" --steps 600 $UNROLLED >>"$OUT/bench.jsonl"
-XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" 100 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
-bench "$ROOT" 60 -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM $UNROLLED >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM $UNROLLED $BF16 >>"$OUT/bench.jsonl"
+stamp bench stack 8
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM $UNROLLED >>"$OUT/bench.jsonl"
+stamp bench graphs, quickstart
+XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
 for other in runs/old runs/alt; do
   [ -d "$other/eicl_cli" ] || continue
   stamp bench "$other"
-  bench "$ROOT/$other" 100 -c "$PAPER" --steps 300 >>"$OUT/bench_$(basename $other).jsonl"
-  bench "$ROOT/$other" 60 -c "$QUICK" --steps 1000 >>"$OUT/bench_$(basename $other).jsonl"
+  bench "$ROOT/$other" "$(cap 100)" -c "$PAPER" --steps 300 >>"$OUT/bench_$(basename $other).jsonl"
+  bench "$ROOT/$other" "$(cap 60)" -c "$QUICK" --steps 1000 >>"$OUT/bench_$(basename $other).jsonl"
 done
-stamp bench stack 8
-bench "$ROOT" 110 -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
-bench "$ROOT" 110 -c "$PAPER" --steps 150 --stack 8 $UNROLLED >>"$OUT/bench.jsonl"
-XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" 110 -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
 
 stamp profile
-PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 90 $PY benchmarks/profile_step.py "$PAPER" --steps 30 >"$OUT/profile_paper.txt" 2>>"$LOG"
-# Where 8 stacked replicas' extra time goes (vmapped convolutions?), beside one.
-PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 90 $PY benchmarks/profile_step.py "$PAPER" --model-only \
+# Where 8 stacked replicas' time goes, with XLA's convolutions and with GEMMs.
+PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 90)" $PY benchmarks/profile_step.py "$PAPER" --model-only \
   --stack 8 --steps 10 >"$OUT/profile_paper_stack8.txt" 2>>"$LOG"
-PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout 60 $PY benchmarks/profile_step.py "$PAPER" --model-only \
-  --steps 10 >"$OUT/profile_paper_model.txt" 2>>"$LOG"
+PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 90)" $PY benchmarks/profile_step.py "$PAPER" --model-only \
+  --stack 8 --steps 10 $GEMM >"$OUT/profile_paper_stack8_gemm.txt" 2>>"$LOG"
+PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 90)" $PY benchmarks/profile_step.py "$PAPER" --steps 30 >"$OUT/profile_paper.txt" 2>>"$LOG"
 stamp done

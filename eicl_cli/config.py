@@ -41,6 +41,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lamb", "lion")
 SCHEDULES = ("rsqrt", "constant", "cosine")
 # dense: the paper's head; tied: logits through the label table; both: their sum.
 LABEL_HEADS = ("dense", "tied", "both")
+CONV_IMPLS = ("xla", "gemm")
 DTYPES = ("float32", "bfloat16")
 
 # Omniglot class counts per split, before exemplar and augmentation changes.
@@ -116,6 +117,9 @@ class EmbeddingConfig:
     # Channels of all groups but the last, which has emb_dim channels.
     resnet_channels_per_group: list[int] = field(default_factory=lambda: [16, 32, 32])
     conv_channels: list[int] = field(default_factory=lambda: [32, 32, 32])
+    # How k x k convolutions are computed: xla (XLA's convolution) | gemm (one
+    # matrix product over the shifted windows). Same model; step time differs.
+    conv_impl: str = "xla"
 
 
 @dataclass(frozen=True)
@@ -479,6 +483,7 @@ def validate(cfg: Config) -> None:
 
     _choice("embedding.example_encoder", e.example_encoder, ENCODERS)
     _choice("embedding.label_head", e.label_head, LABEL_HEADS)
+    _choice("embedding.conv_impl", e.conv_impl, CONV_IMPLS)
     if e.emb_dim < 2 or e.emb_dim % 2:
         raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be even and >= 2 "
                           "(sinusoidal positional encodings pair sines and cosines)")

@@ -543,3 +543,39 @@ def test_unrolled_layer_loop_is_the_same_model(unroll):
         return {int(u) for u in re.findall(r"unroll=(\d+)", text)}
 
     assert 1 in scan_unrolls(m1) and min(unroll, 3) in scan_unrolls(m2)
+
+
+@pytest.mark.parametrize("encoder", ["resnet", "conv"])
+def test_gemm_convolutions_are_the_same_model(encoder):
+    """embedding.conv_impl = "gemm" computes the same encoder (parameters,
+    outputs, gradients, batch-norm statistics) without XLA's convolution."""
+    xla, gemm = tiny_cfg(encoder), tiny_cfg(encoder, embedding={"conv_impl": "gemm"})
+    m1, s1 = build_model(xla, jax.random.PRNGKey(0), IMAGE)
+    m2, s2 = build_model(gemm, jax.random.PRNGKey(0), IMAGE)
+    for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(m1, eqx.is_array)),
+                    jax.tree_util.tree_leaves(eqx.filter(m2, eqx.is_array)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    examples, labels = tiny_inputs(xla)
+
+    def loss(model, state):
+        logits, new_state = forward_batch(model, state, examples, labels, key=None,
+                                          inference=False)
+        return jnp.mean(logits ** 2), new_state
+
+    value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
+    grad = eqx.filter_jit(value_and_grad)
+    ((l1, st1), g1), ((l2, st2), g2) = grad(m1, s1), grad(m2, s2)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(a)).max()))
+    for a, b in zip(jax.tree_util.tree_leaves(st1), jax.tree_util.tree_leaves(st2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    jaxpr = lambda m, s: str(jax.make_jaxpr(lambda m: value_and_grad(m, s))(m))
+    assert "conv_general_dilated" in jaxpr(m1, s1)
+    assert "conv_general_dilated" not in jaxpr(m2, s2)
+
+
+def test_unknown_conv_impl_is_refused():
+    with pytest.raises(config.ConfigError, match="embedding.conv_impl = 'cudnn'.*xla, gemm"):
+        tiny_cfg("resnet", embedding={"conv_impl": "cudnn"})

@@ -1,6 +1,7 @@
 """The fast ResNet stem (pool before batch norm's affine map, the one-channel
 convolution's weight gradient as a GEMM) against the plain formulation:
-XLA convolution, batch norm, ReLU, reduce_window max pool."""
+XLA convolution, batch norm, ReLU, reduce_window max pool; and convolutions
+as GEMMs (`embedding.conv_impl = "gemm"`) against XLA's convolution."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from eicl_cli.model.encoders import ConvEncoder, ResNetEncoder, _stem
+from eicl_cli.model.encoders import (ConvEncoder, ResNetEncoder, _conv, _conv_gemm, _image_conv,
+                                     _image_conv_gemm, _stem)
 
 
 def _reference_stem(conv, norm, images, state):
@@ -87,3 +89,56 @@ def test_max_pool_equals_reduce_window_in_values_and_gradients(shape):
                                   expected)
     per_example = jax.vmap(jax.grad(lambda x, w: (_max_pool_3x3_s2(x[None])[0] * w).sum()))
     np.testing.assert_array_equal(per_example(x, w), expected)
+
+
+# (batch, height, width, in, out, kernel, stride): the ResNet's 3 x 3 shapes,
+# odd and even sizes, a 5 x 5 kernel with stride 3, and the one-channel stems.
+CONV_SHAPES = [(3, 27, 27, 4, 4, 3, 1), (3, 27, 27, 8, 8, 3, 2), (2, 14, 13, 16, 16, 3, 2),
+               (2, 10, 9, 5, 3, 5, 3), (2, 105, 105, 1, 64, 7, 2), (2, 28, 28, 1, 16, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_gemm_convolution_equals_xlas_in_values_and_gradients(shape):
+    n, h, w, c, o, k, stride = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
+    weights = None
+
+    def loss(conv):
+        def f(x, kernel):
+            y = conv(x, kernel, stride)
+            return (y * weights).sum(), y
+        return f
+
+    weights = jnp.asarray(rng.normal(size=_conv(x, kernel, stride).shape), jnp.float32)
+    grads = lambda conv, argnums: jax.grad(loss(conv), argnums, has_aux=True)(x, kernel)
+    (ref_dx, ref_dk), ref_y = grads(_conv, (0, 1))
+    (dx, dk), y = grads(_conv_gemm, (0, 1))
+    scale = lambda a: float(jnp.abs(a).max())
+    np.testing.assert_allclose(y, ref_y, atol=1e-5 * scale(ref_y))
+    np.testing.assert_allclose(dx, ref_dx, atol=1e-5 * scale(ref_dx))
+    np.testing.assert_allclose(dk, ref_dk, atol=1e-5 * scale(ref_dk))
+    if c == 1:
+        # The images' convolution: no gradient to the images, the same kernel's.
+        dk_img, y_img = grads(_image_conv_gemm, 1)
+        ref_dk_img, _ = grads(_image_conv, 1)
+        np.testing.assert_allclose(y_img, ref_y, atol=1e-5 * scale(ref_y))
+        np.testing.assert_allclose(dk_img, ref_dk_img, atol=1e-5 * scale(ref_dk))
+
+
+def test_stacked_gemm_convolution_is_a_batched_matmul_not_a_grouped_convolution():
+    """Under vmap over runs (sweep --stack), XLA's convolution becomes a
+    grouped convolution; the GEMM form stays a matmul, batched over runs, and
+    gives each run its own convolution's gradient."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(4, 2, 13, 13, 4)), jnp.float32)
+    kernels = jnp.asarray(rng.normal(size=(4, 3, 3, 4, 8)), jnp.float32)
+    grad = lambda conv: jax.vmap(jax.grad(lambda k, x: (conv(x, k, 2) ** 2).sum()))
+    stacked = grad(_conv_gemm)(kernels, x)
+    for run in range(4):
+        one = jax.grad(lambda k: (_conv(x[run], k, 2) ** 2).sum())(kernels[run])
+        np.testing.assert_allclose(stacked[run], one, atol=1e-5 * float(jnp.abs(one).max()))
+    text = jax.jit(grad(_conv_gemm)).lower(kernels, x).as_text()
+    assert "convolution" not in text and "dot_general" in text
+    assert "feature_group_count = 4" in jax.jit(grad(_conv)).lower(kernels, x).as_text()

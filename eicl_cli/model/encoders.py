@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..config import CONV_IMPLS
 from ..errors import EiclError
 from .layers import BatchNorm, Dense, fan_in_init, split, truncated_normal, zeros
 
@@ -31,19 +32,25 @@ class Conv2D(eqx.Module):
     """A 2-D convolution over NHWC input with SAME padding (Haiku's default).
 
     `reads_images`: the input is the (one-channel) data itself, never trained,
-    so the backward pass computes only the weight gradient, as one GEMM."""
+    so the backward pass computes only the weight gradient, as one GEMM.
+    `gemm`: compute a k x k convolution as one matrix product over the k * k
+    shifted input windows instead of XLA's convolution. The same function;
+    under `sweep --stack` vmap turns XLA's convolution into a grouped one
+    (one group per run), while the product becomes a batched GEMM."""
 
     weight: jax.Array  # (kh, kw, in, out)
     bias: jax.Array | None
     stride: int = eqx.field(static=True)
     reads_images: bool = eqx.field(static=True)
+    gemm: bool = eqx.field(static=True)
 
     def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, key: jax.Array,
-                 *, bias: bool = False, reads_images: bool = False):
+                 *, bias: bool = False, reads_images: bool = False, gemm: bool = False):
         self.weight = fan_in_init(key, (kernel, kernel, n_in, n_out))
         self.bias = zeros((n_out,)) if bias else None
         self.stride = stride
         self.reads_images = reads_images
+        self.gemm = gemm
 
     def __call__(self, x: jax.Array, dtype=jnp.float32) -> jax.Array:
         kh, kw, n_in, n_out = self.weight.shape
@@ -55,7 +62,9 @@ class Conv2D(eqx.Module):
                 x = x[:, ::self.stride, ::self.stride]
             y = x @ w[0, 0]
         elif self.reads_images and n_in == 1:
-            y = _image_conv(x, w, self.stride)
+            y = (_image_conv_gemm if self.gemm else _image_conv)(x, w, self.stride)
+        elif self.gemm:
+            y = _conv_gemm(x, w, self.stride)
         else:
             y = _conv(x, w, self.stride)
         if self.bias is not None:
@@ -65,6 +74,28 @@ class Conv2D(eqx.Module):
 
 def _conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=_NHWC)
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """XLA's SAME padding (the smaller half before) of one spatial axis."""
+    total = max((_same_out(size, stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv_gemm(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """_conv as im2col: the kh * kw strided windows of the SAME-padded input,
+    side by side on the channel axis, times the kernel as a (kh * kw * in, out)
+    matrix. Costs kh * kw copies of the input; the ResNet's 3 x 3 convolutions
+    run on 4-16 channels, so those copies are small."""
+    kh, kw, n_in, n_out = w.shape
+    n, h, wd, _ = x.shape
+    oh, ow = _same_out(h, stride), _same_out(wd, stride)
+    xp = jnp.pad(x, ((0, 0), _same_pads(h, kh, stride), _same_pads(wd, kw, stride), (0, 0)))
+    windows = [lax.slice(xp, (0, a, b, 0), (n, a + (oh - 1) * stride + 1,
+                                            b + (ow - 1) * stride + 1, n_in),
+                         (1, stride, stride, 1))
+               for a in range(kh) for b in range(kw)]
+    return jnp.concatenate(windows, axis=-1) @ w.reshape(kh * kw * n_in, n_out)
 
 
 def _stem_taps(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
@@ -119,6 +150,32 @@ def _image_conv_bwd(stride, res, dy):
 
 
 _image_conv.defvjp(_image_conv_fwd, _image_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _image_conv_gemm(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """_image_conv with the forward pass as a GEMM too, over the same taps:
+    y = taps^T (pixels, k*k) @ w (k*k, out). The taps are kept for the
+    backward pass instead of being gathered twice."""
+    return _image_conv_gemm_fwd(x, w, stride)[0]
+
+
+def _image_conv_gemm_fwd(x, w, stride):
+    kh, kw, _, n_out = w.shape
+    n, h, wd, _ = x.shape
+    taps = _stem_taps(x, kh, kw, stride).astype(w.dtype)
+    y = lax.dot_general(taps, w.reshape(kh * kw, n_out), (((0,), (0,)), ((), ())))
+    return y.reshape(n, _same_out(h, stride), _same_out(wd, stride), n_out), (x, taps, w)
+
+
+def _image_conv_gemm_bwd(stride, res, dy):
+    x, taps, w = res
+    kh, kw, _, n_out = w.shape
+    dw = (taps.astype(dy.dtype) @ dy.reshape(-1, n_out)).reshape(kh, kw, 1, n_out)
+    return jnp.zeros_like(x), dw.astype(w.dtype)
+
+
+_image_conv_gemm.defvjp(_image_conv_gemm_fwd, _image_conv_gemm_bwd)
 
 
 def _slice(a: jax.Array, start: int, stop: int, axis: int, step: int = 1) -> jax.Array:
@@ -272,10 +329,10 @@ class BottleneckBlock(eqx.Module):
     shortcut: tuple[Conv2D, BatchNorm] | None
 
     def __init__(self, n_in: int, channels: int, stride: int, projection: bool,
-                 key: jax.Array, axis_name: Hashable | None):
+                 key: jax.Array, axis_name: Hashable | None, gemm: bool = False):
         k0, k1, k2, kp = split(key, 4)
         mid = channels // 4
-        self.convs = (Conv2D(n_in, mid, 1, 1, k0), Conv2D(mid, mid, 3, stride, k1),
+        self.convs = (Conv2D(n_in, mid, 1, 1, k0), Conv2D(mid, mid, 3, stride, k1, gemm=gemm),
                       Conv2D(mid, channels, 1, 1, k2))
         self.norms = (BatchNorm(mid, axis_name=axis_name), BatchNorm(mid, axis_name=axis_name),
                       BatchNorm(channels, axis_name=axis_name, zero_scale=True))
@@ -305,15 +362,16 @@ class ResNetEncoder(eqx.Module):
 
     def __init__(self, blocks_per_group: Sequence[int], channels_per_group: Sequence[int],
                  key: jax.Array, *, flatten_superpixels: bool = False,
-                 axis_name: Hashable | None = "batch", strides: Sequence[int] = (1, 2, 2, 2)):
+                 axis_name: Hashable | None = "batch", strides: Sequence[int] = (1, 2, 2, 2),
+                 gemm: bool = False):
         keys = split(key, 1 + sum(blocks_per_group))
-        self.initial_conv = Conv2D(1, 64, 7, 2, keys[0], reads_images=True)
+        self.initial_conv = Conv2D(1, 64, 7, 2, keys[0], reads_images=True, gemm=gemm)
         self.initial_norm = BatchNorm(64, axis_name=axis_name)
         blocks, n_in, k = [], 64, 1
         for n_blocks, channels, stride in zip(blocks_per_group, channels_per_group, strides):
             for b in range(n_blocks):
                 blocks.append(BottleneckBlock(n_in, channels, stride if b == 0 else 1,
-                                              b == 0, keys[k], axis_name))
+                                              b == 0, keys[k], axis_name, gemm))
                 n_in, k = channels, k + 1
         self.blocks = tuple(blocks)
         self.flatten_superpixels = flatten_superpixels
@@ -358,12 +416,12 @@ class ConvEncoder(eqx.Module):
     dense: Dense
 
     def __init__(self, image_shape: tuple[int, int], channels: Sequence[int], emb_dim: int,
-                 key: jax.Array):
+                 key: jax.Array, gemm: bool = False):
         keys = split(key, len(channels) + 1)
         convs, n_in = [], 1
         h, w = image_shape
         for c, k in zip(channels, keys):
-            convs.append(Conv2D(n_in, c, 3, 2, k, bias=True, reads_images=not convs))
+            convs.append(Conv2D(n_in, c, 3, 2, k, bias=True, reads_images=not convs, gemm=gemm))
             n_in, h, w = c, _same_out(h, 2), _same_out(w, 2)
         self.convs = tuple(convs)
         self.dense = Dense(h * w * n_in, emb_dim, keys[-1])
@@ -396,8 +454,13 @@ def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | Non
                   channels_per_group: Sequence[int] = (16, 32, 32),
                   conv_channels: Sequence[int] = (32, 32, 32),
                   flatten_superpixels: bool = False, symbolic_vocab: int = 0,
-                  axis_name: Hashable | None = "batch") -> Encoder:
-    """The example encoder named `name`, producing emb_dim features per item."""
+                  axis_name: Hashable | None = "batch", conv_impl: str = "xla") -> Encoder:
+    """The example encoder named `name`, producing emb_dim features per item.
+    conv_impl: "xla" (XLA's convolution) or "gemm" (see Conv2D)."""
+    if conv_impl not in CONV_IMPLS:
+        raise EiclError(f"embedding.conv_impl = {conv_impl!r} is not allowed; "
+                        f"choose one of: {', '.join(CONV_IMPLS)}")
+    gemm = conv_impl == "gemm"
     if name == "embedding":
         if image_shape is not None:
             raise EiclError("embedding.example_encoder = 'embedding' needs symbolic data; "
@@ -427,10 +490,11 @@ def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | Non
                 f"emb_dim{' / 16' if flatten_superpixels else ''}) must all be >= 4: "
                 "each bottleneck block narrows to channels / 4")
         return ResNetEncoder(blocks_per_group, channels, key,
-                             flatten_superpixels=flatten_superpixels, axis_name=axis_name)
+                             flatten_superpixels=flatten_superpixels, axis_name=axis_name,
+                             gemm=gemm)
     if name == "linear":
         return LinearEncoder(math.prod(image_shape), emb_dim, key)
     if name == "conv":
-        return ConvEncoder(image_shape, conv_channels, emb_dim, key)
+        return ConvEncoder(image_shape, conv_channels, emb_dim, key, gemm)
     raise EiclError(f"embedding.example_encoder = {name!r} is not allowed; "
                     "choose one of: resnet, linear, conv, embedding")
