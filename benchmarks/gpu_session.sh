@@ -108,11 +108,11 @@ if [ "$PLAN" = paper ]; then
     stamp bench
     bench "$ROOT" 100 -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
     [ "$(left)" -ge 110 ] && bench "$ROOT" 100 -c "$PAPER" --steps 600 $UNROLLED >>"$OUT/bench.jsonl"
-    [ "$(left)" -ge 60 ] && bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" --steps 150 --stack 8 \
+    [ "$(left)" -ge 60 ] && bench "$ROOT" "$(cap 600)" -c "$PAPER" --steps 150 --stack 8 \
       >>"$OUT/bench.jsonl"
-    [ "$(left)" -ge 60 ] && bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" --steps 150 --stack 8 \
+    [ "$(left)" -ge 60 ] && bench "$ROOT" "$(cap 600)" -c "$PAPER" --steps 150 --stack 8 \
       $UNROLLED >>"$OUT/bench.jsonl"
-    [ "$(left)" -ge 50 ] && XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(( $(left) - 5 ))" -c "$PAPER" \
+    [ "$(left)" -ge 50 ] && XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(cap 600)" -c "$PAPER" \
       --steps 600 >>"$OUT/bench.jsonl"
   fi
   stamp done

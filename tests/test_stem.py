@@ -103,7 +103,7 @@ def test_gemm_convolution_equals_xlas_in_values_and_gradients(shape):
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
-    weights = None
+    weights = jnp.asarray(rng.normal(size=_conv(x, kernel, stride).shape), jnp.float32)
 
     def loss(conv):
         def f(x, kernel):
@@ -111,7 +111,6 @@ def test_gemm_convolution_equals_xlas_in_values_and_gradients(shape):
             return (y * weights).sum(), y
         return f
 
-    weights = jnp.asarray(rng.normal(size=_conv(x, kernel, stride).shape), jnp.float32)
     grads = lambda conv, argnums: jax.grad(loss(conv), argnums, has_aux=True)(x, kernel)
     (ref_dx, ref_dk), ref_y = grads(_conv, (0, 1))
     (dx, dk), y = grads(_conv_gemm, (0, 1))

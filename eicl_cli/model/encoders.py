@@ -109,10 +109,10 @@ def _stem_taps(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
     a zeroed buffer one by one still cost a full extra pass."""
     n, h, wd, _ = x.shape
     oh, ow = _same_out(h, stride), _same_out(wd, stride)
-    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - wd, 0)
+    top, left = _same_pads(h, kh, stride)[0], _same_pads(wd, kw, stride)[0]
     rows = -(-((oh - 1) * stride + kh) // stride) * stride  # padded size, a multiple of stride
     cols = -(-((ow - 1) * stride + kw) // stride) * stride
-    xp = jnp.pad(x[..., 0], ((0, 0), (ph // 2, rows - h - ph // 2), (pw // 2, cols - wd - pw // 2)))
+    xp = jnp.pad(x[..., 0], ((0, 0), (top, rows - h - top), (left, cols - wd - left)))
     phases = xp.reshape(n, rows // stride, stride, cols // stride, stride)
     phases = phases.transpose(2, 4, 0, 1, 3).reshape(stride * stride, n, rows // stride,
                                                      cols // stride)
