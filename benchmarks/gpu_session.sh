@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One device call that does the GPU checks of issue 8, in order, each capped
 # so the whole fits one 10-minute call and its results come back:
-#   1. `eicl bench --json` of the paper config: as it is, with the ResNet's
-#      convolutions as GEMMs (embedding.conv_impl = gemm), then that with the
-#      layers unrolled (transformer.unroll = 12), then that in bfloat16;
-#   2. the same for --stack 8 (as it is, gemm, gemm + unrolled), where the
-#      GEMM form replaces the grouped convolutions vmap makes;
-#   3. the plain paper bench with the layer loop recorded as a CUDA graph
-#      (XLA_FLAGS), and the quickstart config;
+#   1. `eicl bench --json` of the paper config: as it is, then with 10 steps
+#      per device call (train.steps_per_call), that with the layers unrolled
+#      (transformer.unroll = 12), and that with XLA recording loops as CUDA
+#      graphs (XLA_FLAGS), so one graph may run all 10 steps;
+#   2. --stack 8: as it is, with the ResNet's convolutions as GEMMs
+#      (embedding.conv_impl = gemm, replacing the grouped convolutions vmap
+#      makes), and that with 10 steps per call and unrolled layers;
+#   3. the quickstart config, one and 10 steps per call; the paper config
+#      with GEMMs, and in bfloat16;
 #   4. the same paper and quickstart benches for other copies of the package
 #      carried in runs/old/eicl_cli (a baseline) and runs/alt/eicl_cli (a
 #      variant), where present: A/B on one machine;
@@ -76,15 +78,18 @@ PAPER=$ROOT/configs/images_all_exemplars.toml
 # The paper's 12 blocks without the loop over layers: the same model, a
 # different compiled step (A/B beside each paper bench).
 UNROLLED="--set transformer.unroll=12"
-# The other way to the same end: keep the loop, and let XLA record it (and its
-# body) as one CUDA graph instead of the host checking its condition once per
-# layer. The bench line records XLA_FLAGS.
+# Let XLA record loops (the layers', the steps of one call) and their bodies as
+# CUDA graphs, instead of the host launching each iteration's kernels. The
+# bench line records XLA_FLAGS.
 WHILE_GRAPHS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 QUICK=$ROOT/configs/quickstart.toml
 # The ResNet's convolutions as GEMMs: under vmap (--stack) a batched matmul
 # instead of a grouped convolution.
 GEMM="--set embedding.conv_impl=gemm"
 BF16="--set model.dtype=bfloat16"
+# Ten training steps per device call: the host's fixed price per call (400+
+# buffers handed over and back, the dispatch) paid once per ten steps.
+CALLS10="--set train.steps_per_call=10"
 
 if [ "$PLAN" = paper ]; then
   RUN=$ROOT/runs/gpu-paper
@@ -121,16 +126,20 @@ fi
 
 stamp bench
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM $UNROLLED >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM $UNROLLED $BF16 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 $UNROLLED >>"$OUT/bench.jsonl"
+XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 $UNROLLED \
+  >>"$OUT/bench.jsonl"
 stamp bench stack 8
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM $UNROLLED >>"$OUT/bench.jsonl"
-stamp bench graphs, quickstart
-XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM $CALLS10 $UNROLLED \
+  >>"$OUT/bench.jsonl"
+stamp bench quickstart, gemm, bf16
 bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 $CALLS10 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM $CALLS10 $UNROLLED >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 $UNROLLED $BF16 >>"$OUT/bench.jsonl"
 for other in runs/old runs/alt; do
   [ -d "$other/eicl_cli" ] || continue
   stamp bench "$other"

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from . import config as config_mod
 from .config import Config
+from .flat_step import call_plan
 
 # The configs `eicl bench` measures when none is given: the paper's and a small one.
 DEFAULT_CONFIGS = ("images_all_exemplars.toml", "quickstart.toml")
@@ -87,17 +88,17 @@ class StepRunner:
     def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
         from .evaluate import device_label_masks
         from .flat_step import Carry
-        from .inputs import to_device
+        from .inputs import host_fields_of_steps, to_device
 
         self.stack = stack
+        self.per_call = cfg.train.steps_per_call
         if stack > 1:
             from . import stack as stack_mod
             cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
                     for i in range(stack)]
             trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
-            gens = trainer.generators
-            self._next_batch = lambda step: stack_mod.stack_batches(
-                [g.train_batch(step) for g in gens])
+            self._next_batch = lambda step: trainer.batch(step)
+            self._batches_of = lambda step, k: trainer.batch(step, k)
             self._step_fn = stack_mod.make_stacked_step(cfg)
             self._consts = trainer.consts
             self.carry, self.sums = trainer.carry, trainer.sums
@@ -106,19 +107,35 @@ class StepRunner:
             model, state, opt_state, step_key = initial_state(
                 cfg, tuple(dataset.images.shape[1:]))
             self._next_batch = lambda step: to_device(generator.train_batch(step))
+            self._batches_of = lambda step, k: {
+                name: jnp.asarray(a) for name, a in host_fields_of_steps(
+                    [generator.train_batch(s) for s in range(step, step + k)]).items()}
             self._step_fn = make_train_step(cfg)
             self._consts = (data, device_label_masks(generator, cfg.sequences.train_kind),
                             step_key)
             self.carry, self.sums = Carry.pack(model, state, opt_state), zero_sums()
 
     def run(self, first: int, n: int) -> None:
-        """Steps first .. first + n - 1, then wait for the device."""
-        batch = self._next_batch(first)
-        for step in range(first, first + n):
-            self.carry, self.sums = self._step_fn(self._consts, self.carry, batch,
-                                                  jnp.asarray(step, jnp.int32), self.sums)
-            batch = self._next_batch(step + 1)  # drawn while the device computes
+        """Steps first .. first + n - 1, then wait for the device; calls of
+        train.steps_per_call steps, as the training loop makes them."""
+        sizes = call_plan(first, first + n, self.per_call, ())
+        step, k = first, next(sizes, 0)
+        batch = self._batches(step, k) if k else None
+        while k:
+            first_step = jnp.asarray(step, jnp.int32)
+            if k == 1:
+                self.carry, self.sums = self._step_fn(self._consts, self.carry, batch,
+                                                      first_step, self.sums)
+            else:
+                self.carry, self.sums = self._step_fn.steps(self._consts, self.carry, batch,
+                                                            first_step, self.sums)
+            step, k = step + k, next(sizes, 0)
+            if k:
+                batch = self._batches(step, k)  # drawn while the device computes
         _block((self.carry.leaves, self.sums))
+
+    def _batches(self, step: int, k: int) -> Any:
+        return self._next_batch(step) if k == 1 else self._batches_of(step, k)
 
     def model_and_state(self) -> tuple[Any, Any]:
         """The (first) run's model and batch-norm state."""
@@ -160,15 +177,18 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
 
     data = device_data(dataset, cfg)
     runner = StepRunner(cfg, dataset, data, generator, stack)
+    per_call = cfg.train.steps_per_call
+    steps = -(-steps // per_call) * per_call  # whole calls only: no second compilation
     started = time.perf_counter()
-    runner.run(0, 1)
-    first_step = time.perf_counter() - started
-    runner.run(1, 1)  # a second untimed step: any one-off work after compiling
+    runner.run(0, per_call)
+    first_call = time.perf_counter() - started
+    runner.run(per_call, per_call)  # a second untimed call: any one-off work after compiling
     started = time.perf_counter()
-    runner.run(2, steps)
+    runner.run(2 * per_call, steps)
     took = time.perf_counter() - started
     step_s = took / steps
-    out["compile_s"] = round(max(first_step - step_s, 0.0), 2)
+    out["steps_per_call"] = per_call
+    out["compile_s"] = round(max(first_call - step_s * per_call, 0.0), 2)
     out["train_steps"] = steps
     out["train_steps_per_s"] = round(steps / took, 3)
     out["train_sequences_per_s"] = round(steps * b * stack / took, 1)

@@ -8,16 +8,23 @@ A device that finishes its step before the host has dispatched the next one
 idles. So the training loops hold the carry as a `Carry` (the leaves plus
 their tree structure), the step takes and returns the leaves alone, and the
 trees are rebuilt only to log, evaluate and save.
+
+Even so, every call costs the host a fixed price: handing 400+ buffers to
+the runtime, donating them and taking the new ones back, plus the dispatch
+itself. `FlatStep.steps` runs several steps in one call (a loop on the
+device over batches sent together), and `call_plan` splits a run into
+such calls without letting one cross a log, evaluation or checkpoint step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 # update(consts, model, state, opt_state, batch, step, sums)
 #   -> (model, state, opt_state, sums)
@@ -52,6 +59,7 @@ class FlatStep:
     def __init__(self, update: Update):
         self._update = update
         self._compiled: dict[Any, Callable] = {}
+        self._compiled_steps: dict[Any, Callable] = {}
 
     def _for(self, treedef: Any) -> Callable:
         fn = self._compiled.get(treedef)
@@ -74,3 +82,48 @@ class FlatStep:
                  sums: Any) -> tuple[Carry, Any]:
         leaves, sums = self._for(carry.treedef)(consts, carry.leaves, batch, step, sums)
         return Carry(leaves, carry.treedef), sums
+
+    def _steps_for(self, treedef: Any) -> Callable:
+        fn = self._compiled_steps.get(treedef)
+        if fn is None:
+            update = self._update
+
+            def train_steps(consts, leaves, batches, first, sums):
+                def one(carried, xs):
+                    leaves, sums = carried
+                    batch, step = xs
+                    model, state, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+                    model, state, opt_state, sums = update(consts, model, state, opt_state,
+                                                           batch, step, sums)
+                    return (jax.tree_util.tree_leaves((model, state, opt_state)), sums), None
+
+                n = jax.tree_util.tree_leaves(batches)[0].shape[0]
+                steps = first + jnp.arange(n, dtype=jnp.int32)
+                (leaves, sums), _ = jax.lax.scan(one, (leaves, sums), (batches, steps))
+                return leaves, sums
+
+            fn = self._compiled_steps[treedef] = jax.jit(train_steps, donate_argnums=(1, 4))
+        return fn
+
+    def steps(self, consts: Any, carry: Carry, batches: Any, first: jax.Array,
+              sums: Any) -> tuple[Carry, Any]:
+        """Steps first, first + 1, ..., first + n - 1 in one call, where every
+        array of `batches` holds the n batches stacked on a new leading axis.
+        The same updates as n calls of the step (XLA may fuse the loop's body
+        differently, so the rounding may differ); one compilation per n."""
+        leaves, sums = self._steps_for(carry.treedef)(consts, carry.leaves, batches, first, sums)
+        return Carry(leaves, carry.treedef), sums
+
+
+def call_plan(start: int, total: int, per_call: int, intervals: tuple[int, ...]) -> Iterator[int]:
+    """How many steps each device call runs, from step `start` to `total`:
+    `per_call` where that many fit before the next multiple of any of
+    `intervals` (log, evaluation, checkpoint), else single steps up to it.
+    Calls of one size and of one step compile once each; a remainder size
+    would compile again."""
+    step = start
+    while step < total:
+        bound = min([total] + [(step // i + 1) * i for i in intervals if i > 0])
+        n = per_call if per_call > 1 and step + per_call <= bound else 1
+        yield n
+        step += n

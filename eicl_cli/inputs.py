@@ -82,6 +82,12 @@ def host_fields(batch: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(getattr(batch, name), np.int32) for name in DEVICE_FIELDS}
 
 
+def host_fields_of_steps(batches: list[Any]) -> dict[str, np.ndarray]:
+    """Several steps' Batches -> host arrays with the steps on a new leading axis."""
+    fields = [host_fields(b) for b in batches]
+    return {name: np.stack([f[name] for f in fields]) for name in fields[0]}
+
+
 def to_device(batch: Any) -> dict[str, jax.Array]:
     """The Batch's index arrays the step needs, as one small host->device copy."""
     return {name: jnp.asarray(a) for name, a in host_fields(batch).items()}

@@ -96,11 +96,15 @@ class Placement:
         return jax.tree_util.tree_map(
             lambda x: _put(x, sharding) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
-    def batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """The global batch's host arrays -> device arrays split along axis 0."""
+    def batch(self, arrays: dict[str, np.ndarray], *,
+              steps_first: bool = False) -> dict[str, jax.Array]:
+        """The global batch's host arrays -> device arrays split along the
+        batch axis: axis 0, or axis 1 when `steps_first` (several steps'
+        batches stacked on a leading axis, for FlatStep.steps)."""
         if self.mesh is None:
             return {k: jax.device_put(np.asarray(v)) for k, v in arrays.items()}
-        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        spec = PartitionSpec(None, AXIS) if steps_first else PartitionSpec(AXIS)
+        sharding = NamedSharding(self.mesh, spec)
         return {k: _put(np.asarray(v), sharding) for k, v in arrays.items()}
 
 

@@ -34,7 +34,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import device_label_masks, evaluate_modes, table_rows
-from .flat_step import Carry, FlatStep
+from .flat_step import Carry, FlatStep, call_plan
 from .inputs import host_fields
 from .optim import evaluation_model
 
@@ -161,12 +161,24 @@ class StackedState:
             carry=Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts)),
             sums=stack_trees([zero_sums() for _ in range(k)]))
 
-    def batch(self, step: int) -> dict[str, jax.Array]:
-        return stack_batches([g.train_batch(step) for g in self.generators])
+    def batch(self, step: int, n: int = 1) -> dict[str, jax.Array]:
+        """The runs' batches of step `step`, (K, B, L); with n > 1 those of
+        steps step .. step + n - 1, (n, K, B, L), for FlatStep.steps."""
+        if n == 1:
+            return stack_batches([g.train_batch(step) for g in self.generators])
+        fields = [[host_fields(g.train_batch(s)) for g in self.generators]
+                  for s in range(step, step + n)]
+        return {k: jnp.asarray(np.stack([[f[k] for f in runs_] for runs_ in fields]))
+                for k in fields[0][0]}
 
-    def step(self, step_fn: FlatStep, batch: dict[str, jax.Array], step: int) -> None:
-        self.carry, self.sums = step_fn(self.consts, self.carry, batch,
-                                        jnp.asarray(step, jnp.int32), self.sums)
+    def step(self, step_fn: FlatStep, batch: dict[str, jax.Array], step: int, n: int = 1) -> None:
+        """Step `step` (n steps from it with n > 1, `batch` from batch(step, n))."""
+        first = jnp.asarray(step, jnp.int32)
+        if n == 1:
+            self.carry, self.sums = step_fn(self.consts, self.carry, batch, first, self.sums)
+        else:
+            self.carry, self.sums = step_fn.steps(self.consts, self.carry, batch, first,
+                                                  self.sums)
 
 
 # ---------------------------------------------------------------- training
@@ -275,14 +287,18 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
             view.print(f"{names[i]}:")
             view.eval_table(step, table_rows(cfg, results))
 
-    batch = stacked.batch(start)
+    sizes = call_plan(start, total, cfgs[0].train.steps_per_call,
+                      (r.log_every, r.eval_every, r.checkpoint_every))
+    step, n = start, next(sizes)
+    batch = stacked.batch(step, n)
     last_log_step, last_log_time = start, time.perf_counter()
     with _Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
-        for step in range(start, total):
-            stacked.step(step_fn, batch, step)
-            done = step + 1
-            if done < total:  # drawn on the host while the device computes
-                batch = stacked.batch(done)
+        while n:
+            stacked.step(step_fn, batch, step, n)
+            done = step + n
+            step, n = done, next(sizes, 0)
+            if n:  # drawn on the host while the device computes
+                batch = stacked.batch(step, n)
 
             if done % r.log_every == 0 or done == total or interrupt.requested:
                 host = jax.device_get(stacked.sums)
@@ -296,10 +312,10 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
                             "stopped the stack, keeping each run's last good checkpoint")
                     one = {k: v[i] for k, v in host.items()}
                     runs.append_metrics(run_dir, train_record(cfgs[i], one, done, now(i), sps,
-                                                              float(schedule(step))))
+                                                              float(schedule(done - 1))))
                 view.log(done, float(np.mean(host["loss"] / np.maximum(host["count"], 1))),
                          float(np.mean(host["accuracy_query"] / np.maximum(host["count"], 1))),
-                         sps, float(schedule(step)))
+                         sps, float(schedule(done - 1)))
                 stacked.sums = stack_trees([zero_sums() for _ in cfgs])
                 last_log_step, last_log_time = done, t
 

@@ -35,8 +35,8 @@ from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import METRICS, device_label_masks, evaluate_modes, table_rows
-from .flat_step import Carry, FlatStep
-from .inputs import device_data, host_fields, materialise
+from .flat_step import Carry, FlatStep, call_plan
+from .inputs import device_data, host_fields, host_fields_of_steps, materialise
 from .optim import evaluation_model, learning_rate_schedule, make_optimizer
 
 
@@ -381,22 +381,37 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
                                               "sequences_per_s": m["sequences"] / max(took, 1e-9)})
         view.eval_table(step, table_rows(cfg, results))
 
+    def batches(step: int, n: int) -> dict[str, jax.Array]:
+        """The batches of steps step .. step + n - 1 on the device (one call's)."""
+        if n == 1:
+            return place.batch(host_fields(generator.train_batch(step)))
+        return place.batch(host_fields_of_steps(
+            [generator.train_batch(s) for s in range(step, step + n)]), steps_first=True)
+
     sums = place.replicate(zero_sums())
-    batch = place.batch(host_fields(generator.train_batch(start)))
+    sizes = call_plan(start, total, cfg.train.steps_per_call,
+                      (r.log_every, r.eval_every, r.checkpoint_every))
+    step, n = start, next(sizes)
+    batch = batches(step, n)
     last_log_step, last_log_time = start, time.perf_counter()
     with _Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
-        for step in range(start, total):
-            carry, sums = step_fn(consts, carry, batch, jnp.asarray(step, jnp.int32), sums)
-            done = step + 1
-            if done < total:  # drawn on the host while the device computes
-                batch = place.batch(host_fields(generator.train_batch(done)))
+        while n:
+            first = jnp.asarray(step, jnp.int32)
+            if n == 1:
+                carry, sums = step_fn(consts, carry, batch, first, sums)
+            else:
+                carry, sums = step_fn.steps(consts, carry, batch, first, sums)
+            done = step + n
+            step, n = done, next(sizes, 0)
+            if n:  # drawn on the host while the device computes
+                batch = batches(step, n)
 
             if done % r.log_every == 0 or done == total or interrupt.requested:
                 host = jax.device_get(sums)
                 check_finite(host, done)
                 t = time.perf_counter()
                 sps = (done - last_log_step) / max(t - last_log_time, 1e-9)
-                record = train_record(cfg, host, done, now(), sps, float(schedule(step)))
+                record = train_record(cfg, host, done, now(), sps, float(schedule(done - 1)))
                 if writer:
                     runs.append_metrics(run_dir, record)
                 view.log(done, record["loss"], record["accuracy_query"], sps, record["lr"])

@@ -103,6 +103,20 @@ def test_two_devices_follow_the_one_device_trajectory(one_device: Path, data_dir
     _assert_same_run(one_device, tmp_path / "two")
 
 
+@pytest.mark.slow  # a fresh process compiling the step
+def test_two_devices_with_three_steps_per_call_follow_the_one_device_run(
+        one_device: Path, data_dir: Path, tmp_path: Path):
+    # Each call's 3 batches are split over the devices along the batch axis.
+    out = tmp_path / "two_k3"
+    proc = eicl(*_args(data_dir, out), "--set", "train.steps_per_call=3",
+                "--set", "run.log_every=3", data_dir=data_dir, env=_env(2))
+    assert proc.returncode == 0, proc.stderr
+    one = _losses(one_device)  # logged every step
+    np.testing.assert_allclose(_losses(out), [np.mean(one[:3]), np.mean(one[3:])],
+                               rtol=1e-4, atol=1e-6)
+    _assert_same_run(one_device, out)
+
+
 @pytest.mark.slow  # two processes, then two more to resume
 def test_two_processes_follow_the_one_device_trajectory_and_resume(one_device: Path,
                                                                    data_dir: Path,
