@@ -91,6 +91,37 @@ def test_max_pool_equals_reduce_window_in_values_and_gradients(shape):
     np.testing.assert_array_equal(per_example(x, w), expected)
 
 
+@pytest.mark.parametrize("shape", [(2, 53, 53, 5), (2, 54, 52, 3), (1, 1, 1, 2), (1, 2, 3, 1),
+                                   (2, 7, 6, 2), (2, 1, 4, 2), (2, 6, 1, 2)])
+@pytest.mark.parametrize("ties", [True, False])
+def test_one_pass_pooling_equals_the_separable_one_bit_for_bit(shape, ties):
+    # The GPU's form (all nine window elements at once) against the CPU's
+    # (rows, then columns): the same maxima, the same choices among ties,
+    # the same gradients to the last bit, with negative channel signs.
+    from eicl_cli.model.encoders import _signed_max_pool_2d, _signed_max_pool_separable
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, shape) if ties else rng.normal(size=shape)
+    y = jnp.asarray(y.astype(np.float32))
+    sign = jnp.asarray(np.where(rng.random(shape[-1]) > 0.5, 1.0, -1.0).astype(np.float32))
+    out = _signed_max_pool_separable(y, sign)
+    np.testing.assert_array_equal(_signed_max_pool_2d(y, sign), out)
+    w = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    grads = [jax.grad(lambda y: (f(y, sign) * w).sum())(y)
+             for f in (_signed_max_pool_separable, _signed_max_pool_2d)]
+    np.testing.assert_array_equal(grads[1], grads[0])
+
+
+def test_pooling_is_compiled_separable_for_a_cpu_and_in_one_pass_for_a_gpu():
+    from eicl_cli.model.encoders import _signed_max_pool
+    x, sign = jnp.zeros((2, 53, 53, 4)), jnp.ones(4)
+    f = jax.jit(jax.grad(lambda x: (_signed_max_pool(x, sign) ** 2).sum()))
+    cpu = f.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    gpu = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    # The separable form joins edge windows to the interior; the other pads.
+    assert "stablehlo.pad" not in cpu and "stablehlo.pad" in gpu
+    assert "stablehlo.optimization_barrier" in gpu
+
+
 # (batch, height, width, in, out, kernel, stride): the ResNet's 3 x 3 shapes,
 # odd and even sizes, a 5 x 5 kernel with stride 3, and the one-channel stems.
 CONV_SHAPES = [(3, 27, 27, 4, 4, 3, 1), (3, 27, 27, 8, 8, 3, 2), (2, 14, 13, 16, 16, 3, 2),

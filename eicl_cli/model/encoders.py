@@ -273,7 +273,6 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return _max3_s2(_max3_s2(x, 1), 2)
 
 
-@jax.custom_vjp
 def _signed_max_pool(y: jax.Array, sign: jax.Array) -> jax.Array:
     """_max_pool_3x3_s2(y * sign) for a per-channel sign of +-1.
 
@@ -281,7 +280,20 @@ def _signed_max_pool(y: jax.Array, sign: jax.Array) -> jax.Array:
     (a quarter of the pixels) rather than the outgoing one: written as
     y * sign, XLA kept the per-channel sign broadcast to the whole stem map
     (288 x 53 x 53 x 64 floats for the paper's batch) between the forward
-    and backward passes."""
+    and backward passes.
+
+    Two forms of the same values and gradients, picked when the step is
+    compiled: on a CPU, rows then columns through strided views, as
+    _max_pool_3x3_s2 (padding the map cost a pass there); elsewhere all nine
+    window elements of the -inf-padded map at once, which XLA fuses into one
+    pass forward and one backward, batch norm's gradient included (on an H100
+    target 0.8 GB less memory traffic per paper step: 5.2 against 6.0 GB)."""
+    return lax.platform_dependent(y, sign, cpu=_signed_max_pool_separable,
+                                  default=_signed_max_pool_2d)
+
+
+@jax.custom_vjp
+def _signed_max_pool_separable(y: jax.Array, sign: jax.Array) -> jax.Array:
     return _max_pool_3x3_s2(y * sign)
 
 
@@ -298,7 +310,90 @@ def _signed_max_pool_bwd(res, g):
     return dy, jnp.zeros_like(sign)
 
 
-_signed_max_pool.defvjp(_signed_max_pool_fwd, _signed_max_pool_bwd)
+_signed_max_pool_separable.defvjp(_signed_max_pool_fwd, _signed_max_pool_bwd)
+
+
+def _pad_axes(x: jax.Array, pads: dict[int, tuple[int, int]], value: float = 0.0) -> jax.Array:
+    widths = [pads.get(axis, (0, 0)) for axis in range(x.ndim)]
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _max_pool_choice_2d(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The 3 x 3 stride-2 SAME max pool of NHWC `x` and the window element
+    holding each maximum, int8 3a + b for row a and column b of the window,
+    with _max3_choice's choices: each column's best row first, then the best
+    of those columns. The -inf padding puts the edge windows under the
+    interior's rule (one -inf in front along an axis of odd size), which
+    makes the same choices as _max3_choice's edge cases."""
+    (h, w), (mh, mw) = x.shape[1:3], (_same_out(x.shape[1], 2), _same_out(x.shape[2], 2))
+    xp = _pad_axes(x, {1: (h % 2, 2 * mh + 1 - h - h % 2), 2: (w % 2, 2 * mw + 1 - w - w % 2)},
+                   -jnp.inf)
+    rule_h, rule_w = _rule3(h), _rule3(w)
+    best, row_of = [], []  # per window column b: the best row's value and index
+    for b in range(3):
+        col = _slice(xp, b, b + 2 * mw - 1, 2, 2)
+        v = [_slice(col, a, a + 2 * mh - 1, 1, 2) for a in range(3)]
+        best.append(jnp.maximum(jnp.maximum(v[0], v[1]), v[2]))
+        row_of.append(rule_h(*v))
+    col_choice = rule_w(*best)
+    row_choice = jnp.where(col_choice == 0, row_of[0],
+                           jnp.where(col_choice == 1, row_of[1], row_of[2]))
+    out = jnp.maximum(jnp.maximum(best[0], best[1]), best[2])
+    return out, (3 * row_choice + col_choice).astype(jnp.int8)
+
+
+def _rule3(n: int):
+    """_max3_choice's choice among a window's three elements (a, b, c) for an
+    axis of n elements: the middle one first for odd n, the first for even."""
+    if n % 2:
+        return lambda a, b, c: jnp.where(b >= jnp.maximum(a, c), 1, jnp.where(a >= c, 0, 2))
+    return lambda a, b, c: jnp.where(a >= jnp.maximum(b, c), 0, jnp.where(b >= c, 1, 2))
+
+
+def _max_pool_bwd_2d(code: jax.Array, g: jax.Array, h: int, w: int) -> jax.Array:
+    """The gradient of _max_pool_choice_2d's maximum: each window's gradient
+    to its chosen element. Padded element (2k + a', 2l + b') collects window
+    (k, l)'s choice (a', b') and, for a' or b' = 0, the neighbouring windows'
+    choices 2 rows or columns on; summed per window row as the separable
+    form sums them (the same float additions), then interleaved and cut."""
+    zero = jnp.zeros((), g.dtype)
+    pick = lambda a, b: jnp.where(code == 3 * a + b, g, zero)  # noqa: E731
+    here = lambda x: _pad_axes(x, {1: (0, 1), 2: (0, 1)})  # noqa: E731
+    up = lambda x: _pad_axes(x, {1: (1, 0), 2: (0, 1)})  # window k - 1 # noqa: E731
+    left = lambda x: _pad_axes(x, {1: (0, 1), 2: (1, 0)})  # window l - 1 # noqa: E731
+    up_left = lambda x: _pad_axes(x, {1: (1, 0), 2: (1, 0)})  # noqa: E731
+    even_even = (here(pick(0, 0)) + left(pick(0, 2))) + (up(pick(2, 0)) + up_left(pick(2, 2)))
+    even_odd = here(pick(0, 1)) + up(pick(2, 1))
+    odd_even = here(pick(1, 0)) + left(pick(1, 2))
+    odd_odd = here(pick(1, 1))
+    rows_even = jnp.stack([even_even, even_odd], axis=3)  # (N, MH+1, MW+1, 2, C)
+    rows_odd = jnp.stack([odd_even, odd_odd], axis=3)
+    grid = jnp.stack([rows_even, rows_odd], axis=2)  # (N, MH+1, 2, MW+1, 2, C)
+    n, mh1, _, mw1, _, c = grid.shape
+    full = grid.reshape(n, 2 * mh1, 2 * mw1, c)
+    return full[:, h % 2:h % 2 + h, w % 2:w % 2 + w]
+
+
+@jax.custom_vjp
+def _signed_max_pool_2d(y: jax.Array, sign: jax.Array) -> jax.Array:
+    return _max_pool_choice_2d(y * sign)[0]
+
+
+def _signed_max_pool_2d_fwd(y, sign):
+    out, code = _max_pool_choice_2d(y * sign)
+    # Keep the int8 choices as they are: left free, XLA's GPU compiler fused
+    # their comparisons into the backward pass, where they read the stem map
+    # again.
+    out, code = lax.optimization_barrier((out, code))
+    return out, (code, y.shape[1], y.shape[2], sign)
+
+
+def _signed_max_pool_2d_bwd(res, g):
+    code, h, w, sign = res
+    return _max_pool_bwd_2d(code, g * sign, h, w), jnp.zeros_like(sign)
+
+
+_signed_max_pool_2d.defvjp(_signed_max_pool_2d_fwd, _signed_max_pool_2d_bwd)
 
 
 def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.State, *,
