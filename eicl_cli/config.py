@@ -134,9 +134,10 @@ class TransformerConfig:
     num_heads: int = 8
     widening_factor: int = 4
     dropout_prob: float = 0.0
-    # Blocks per iteration of the loop over layers; >= num_layers: no loop.
-    # The same function either way: only compile time and step time change.
-    unroll: int = 1
+    # Blocks per iteration of the loop over layers; >= num_layers: no loop;
+    # 0: a loop on a CPU, no loop on a GPU. The same function either way:
+    # only compile time and step time change.
+    unroll: int = 0
 
 
 @dataclass(frozen=True)
@@ -514,7 +515,7 @@ def validate(cfg: Config) -> None:
     _at_least("transformer.num_heads", t.num_heads, 1)
     _at_least("transformer.widening_factor", t.widening_factor, 1)
     _prob("transformer.dropout_prob", t.dropout_prob)
-    _at_least("transformer.unroll", t.unroll, 1)
+    _at_least("transformer.unroll", t.unroll, 0)
     if e.emb_dim % t.num_heads:
         raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be divisible by "
                           f"transformer.num_heads = {t.num_heads}")

@@ -30,7 +30,8 @@ METRICS = ("accuracy_query", "accuracy_closed")
 # Config keys that differ between runs without changing the experiment.
 _NOT_SWEPT = {"run.name", "run.out_dir", "data.cache_file", "data.cache_sha256",
               "data.data_dir", "run.seed",
-              "transformer.unroll"}  # how the step is compiled, not what it computes
+              # how the step is compiled and called, not what it computes
+              "transformer.unroll", "embedding.conv_impl", "train.steps_per_call"}
 
 
 @dataclass

@@ -545,6 +545,23 @@ def test_unrolled_layer_loop_is_the_same_model(unroll):
     assert 1 in scan_unrolls(m1) and min(unroll, 3) in scan_unrolls(m2)
 
 
+def test_auto_unroll_loops_over_layers_on_a_cpu_and_unrolls_them_for_a_gpu():
+    """transformer.unroll = 0 (the default): the CPU's step keeps the loop
+    over layers (the same program as unroll = 1), a GPU's has none."""
+    sections = dict(transformer={"num_layers": 3, "num_heads": 2, "unroll": 0})
+    cfg = tiny_cfg("linear", **sections)
+    model, state = build_model(cfg, jax.random.PRNGKey(0), IMAGE)
+    examples, labels = tiny_inputs(cfg)
+    f = jax.jit(lambda m: forward_batch(m, state, examples, labels, key=None,
+                                        inference=True)[0])
+    cpu = f.trace(model).lower(lowering_platforms=("cpu",)).as_text()
+    gpu = f.trace(model).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.while" in cpu and "stablehlo.while" not in gpu
+    sections["transformer"]["unroll"] = 1
+    looped, _ = build_model(tiny_cfg("linear", **sections), jax.random.PRNGKey(0), IMAGE)
+    np.testing.assert_array_equal(f(model), f(looped))
+
+
 @pytest.mark.parametrize("encoder", ["resnet", "conv"])
 def test_gemm_convolutions_are_the_same_model(encoder):
     """embedding.conv_impl = "gemm" computes the same encoder (parameters,

@@ -314,7 +314,8 @@ def test_sections_a_model_does_not_use_are_no_difference(tmp_path: Path) -> None
 
 def test_a_compile_only_key_is_no_difference(tmp_path: Path) -> None:
     looped = base_cfg()
-    unrolled = base_cfg(transformer={"unroll": 12})
+    unrolled = base_cfg(transformer={"unroll": 12}, embedding={"conv_impl": "gemm"},
+                        train={"steps_per_call": 4})
     wider = base_cfg(transformer={"unroll": 12, "num_heads": 4})
     made = [make_run(tmp_path / name, cfg, icl_curve(0.5, 0), iwl_curve(0.5, 0))
             for name, cfg in [("a", looped), ("b", unrolled), ("c", wider)]]

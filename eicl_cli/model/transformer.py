@@ -103,7 +103,14 @@ class Transformer(eqx.Module):
             block = eqx.combine(block_params, static)
             return block(h, layer_key, inference=inference, dtype=dtype), None
 
-        x, _ = jax.lax.scan(step, x, (params, keys), unroll=min(self.unroll, self.num_layers))
+        def layers(x, unroll):
+            return jax.lax.scan(step, x, (params, keys), unroll=min(unroll, self.num_layers))[0]
+
+        if self.unroll == 0:  # auto: a loop for a CPU, every layer unrolled for a GPU
+            x = jax.lax.platform_dependent(x, cpu=lambda x: layers(x, 1),
+                                           default=lambda x: layers(x, self.num_layers))
+        else:
+            x = layers(x, self.unroll)
         return self.final_norm(x)
 
     def block(self, i: int) -> Block:
