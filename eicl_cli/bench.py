@@ -122,13 +122,8 @@ class StepRunner:
         step, k = first, next(sizes, 0)
         batch = self._batches(step, k) if k else None
         while k:
-            first_step = jnp.asarray(step, jnp.int32)
-            if k == 1:
-                self.carry, self.sums = self._step_fn(self._consts, self.carry, batch,
-                                                      first_step, self.sums)
-            else:
-                self.carry, self.sums = self._step_fn.steps(self._consts, self.carry, batch,
-                                                            first_step, self.sums)
+            self.carry, self.sums = self._step_fn.call(self._consts, self.carry, batch, step, k,
+                                                       self.sums)
             step, k = step + k, next(sizes, 0)
             if k:
                 batch = self._batches(step, k)  # drawn while the device computes

@@ -105,6 +105,15 @@ class FlatStep:
             fn = self._compiled_steps[treedef] = jax.jit(train_steps, donate_argnums=(1, 4))
         return fn
 
+    def call(self, consts: Any, carry: Carry, batch: Any, step: int, n: int,
+             sums: Any) -> tuple[Carry, Any]:
+        """Steps step .. step + n - 1: the one step (n = 1, `batch` one step's)
+        or `steps` (n > 1, `batch` n steps' stacked), as `call_plan` sizes them."""
+        first = jnp.asarray(step, jnp.int32)
+        if n == 1:
+            return self(consts, carry, batch, first, sums)
+        return self.steps(consts, carry, batch, first, sums)
+
     def steps(self, consts: Any, carry: Carry, batches: Any, first: jax.Array,
               sums: Any) -> tuple[Carry, Any]:
         """Steps first, first + 1, ..., first + n - 1 in one call, where every

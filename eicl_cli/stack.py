@@ -173,12 +173,7 @@ class StackedState:
 
     def step(self, step_fn: FlatStep, batch: dict[str, jax.Array], step: int, n: int = 1) -> None:
         """Step `step` (n steps from it with n > 1, `batch` from batch(step, n))."""
-        first = jnp.asarray(step, jnp.int32)
-        if n == 1:
-            self.carry, self.sums = step_fn(self.consts, self.carry, batch, first, self.sums)
-        else:
-            self.carry, self.sums = step_fn.steps(self.consts, self.carry, batch, first,
-                                                  self.sums)
+        self.carry, self.sums = step_fn.call(self.consts, self.carry, batch, step, n, self.sums)
 
 
 # ---------------------------------------------------------------- training

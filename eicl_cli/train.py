@@ -396,11 +396,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     last_log_step, last_log_time = start, time.perf_counter()
     with _Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
         while n:
-            first = jnp.asarray(step, jnp.int32)
-            if n == 1:
-                carry, sums = step_fn(consts, carry, batch, first, sums)
-            else:
-                carry, sums = step_fn.steps(consts, carry, batch, first, sums)
+            carry, sums = step_fn.call(consts, carry, batch, step, n, sums)
             done = step + n
             step, n = done, next(sizes, 0)
             if n:  # drawn on the host while the device computes
