@@ -281,6 +281,7 @@ def compile_step(config: Path, overrides: list[str], stack: int, target: str) ->
     from eicl_cli import bench
     from eicl_cli.data.dataset import load_dataset
     from eicl_cli.data.sequences import SequenceGenerator
+    from eicl_cli.flat_step import steps_per_call
     from eicl_cli.inputs import device_data
 
     topology = topologies.get_topology_desc(
@@ -292,7 +293,7 @@ def compile_step(config: Path, overrides: list[str], stack: int, target: str) ->
     dataset = load_dataset(cfg)
     generator = SequenceGenerator(dataset, cfg)
     runner = bench.StepRunner(cfg, dataset, device_data(dataset, cfg), generator, stack)
-    k = cfg.train.steps_per_call
+    k = steps_per_call(cfg.train.steps_per_call, "gpu")  # as a run on the GPU would
     batch = runner._batches(0, k)
     step = runner._step_fn
     fn = step._for(runner.carry.treedef) if k == 1 else step._steps_for(runner.carry.treedef)

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # One device call that does the GPU checks of issue 8, in order, each capped
 # so the whole fits one 10-minute call and its results come back:
-#   1. `eicl bench --json` of the paper config: as it is (its layers unrolled
-#      on a GPU), with the loop over layers (transformer.unroll = 1, the
-#      earlier default), with 10 steps per device call (train.steps_per_call),
-#      and that with XLA recording loops as CUDA graphs (XLA_FLAGS), so one
-#      graph may run all 10 steps;
+#   1. `eicl bench --json` of the paper config: as it is (on a GPU its layers
+#      unrolled, 10 steps per device call), with one step per call, and with
+#      the loop over layers (transformer.unroll = 1);
 #   2. --stack 8: as it is, with the ResNet's convolutions as GEMMs
 #      (embedding.conv_impl = gemm, replacing the grouped convolutions vmap
-#      makes), and that with 10 steps per call;
-#   3. the quickstart config, one and 10 steps per call; the paper config
-#      with GEMMs, and in bfloat16;
+#      makes), in bfloat16; --stack 4;
+#   3. the quickstart config: as it is, one step per call, --stack 8; the
+#      paper config in bfloat16;
 #   4. the same paper and quickstart benches for other copies of the package
 #      carried in runs/old/eicl_cli (a baseline) and runs/alt/eicl_cli (a
 #      variant), where present: A/B on one machine;
@@ -20,8 +18,8 @@
 # With the plan `paper`, the paper config trains instead (issue 9): it trains in
 # runs/gpu-paper (kept on a warm machine between calls) and resumes from there,
 # until its training time reaches PAPER_TARGET_S (default 600 s) or the budget
-# runs out; the paper and stack-8 benches (as they are and looped, then the
-# CUDA-graph one) follow if at least 150 s are left.
+# runs out; the paper and stack-8 benches (as they are and looped) follow if
+# at least 150 s are left.
 # A 10-minute run needs two calls, as one call may last 600 s at most:
 #   call 1 (timeout_s 600):  bash benchmarks/gpu_session.sh 585 paper
 #   call 2 at once (the machine goes back after 30 s idle), with B = the
@@ -29,7 +27,8 @@
 #                            bash benchmarks/gpu_session.sh B paper
 # Needs: the Omniglot cache in runs/data-cache (carry it) and, where tomli-w is
 # missing, its wheel in .whl/ (carry it too).
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh [seconds budget, default 540] [all|paper]
+# With the plan `stack`, only what stacking costs (about 6 minutes).
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh [seconds budget, default 540] [all|paper|stack]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -80,18 +79,15 @@ PAPER=$ROOT/configs/images_all_exemplars.toml
 # the default (0) unrolls them on a GPU. The same model, a different
 # compiled step (the A/B against earlier versions' default).
 LOOPED="--set transformer.unroll=1"
-# Let XLA record loops (the layers', the steps of one call) and their bodies as
-# CUDA graphs, instead of the host launching each iteration's kernels. The
-# bench line records XLA_FLAGS.
-WHILE_GRAPHS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 QUICK=$ROOT/configs/quickstart.toml
 # The ResNet's convolutions as GEMMs: under vmap (--stack) a batched matmul
 # instead of a grouped convolution.
 GEMM="--set embedding.conv_impl=gemm"
 BF16="--set model.dtype=bfloat16"
-# Ten training steps per device call: the host's fixed price per call (400+
-# buffers handed over and back, the dispatch) paid once per ten steps.
-CALLS10="--set train.steps_per_call=10"
+# One training step per device call (the default is 10 on a GPU, where the
+# host's fixed price per call, 400+ buffers handed over and back and the
+# dispatch, is then paid once per ten steps).
+ONE_CALL="--set train.steps_per_call=1"
 
 if [ "$PLAN" = paper ]; then
   RUN=$ROOT/runs/gpu-paper
@@ -119,28 +115,41 @@ if [ "$PLAN" = paper ]; then
       >>"$OUT/bench.jsonl"
     [ "$(left)" -ge 60 ] && bench "$ROOT" "$(cap 600)" -c "$PAPER" --steps 150 --stack 8 \
       $LOOPED >>"$OUT/bench.jsonl"
-    [ "$(left)" -ge 50 ] && XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(cap 600)" -c "$PAPER" \
-      --steps 600 >>"$OUT/bench.jsonl"
   fi
+  stamp done
+  exit 0
+fi
+
+if [ "$PLAN" = stack ]; then
+  # What stacking costs beside one run, on one machine: the quickstart alone
+  # and 8 stacked (a small, latency-bound model), the paper config alone, 8
+  # stacked in bfloat16 (half the bytes) and 4 stacked. About 6 minutes: on
+  # a fresh machine a paper bench needs 60-90 s (compilation, autotuning),
+  # a stacked one 90 s or more.
+  stamp bench stack plan
+  bench "$ROOT" "$(cap 45)" -c "$QUICK" --steps 1000 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 500 --stack 8 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $BF16 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 4 >>"$OUT/bench.jsonl"
   stamp done
   exit 0
 fi
 
 stamp bench
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $ONE_CALL >>"$OUT/bench.jsonl"
 bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $LOOPED >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 >>"$OUT/bench.jsonl"
-XLA_FLAGS=$WHILE_GRAPHS bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 \
-  >>"$OUT/bench.jsonl"
-stamp bench stack 8
+stamp bench stack
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM $CALLS10 >>"$OUT/bench.jsonl"
-stamp bench quickstart, gemm, bf16
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $BF16 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 4 >>"$OUT/bench.jsonl"
+stamp bench quickstart, bf16
 bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 $CALLS10 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $GEMM $CALLS10 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $CALLS10 $BF16 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 $ONE_CALL >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 500 --stack 8 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $BF16 >>"$OUT/bench.jsonl"
 for other in runs/old runs/alt; do
   [ -d "$other/eicl_cli" ] || continue
   stamp bench "$other"

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from . import config as config_mod
 from .config import Config
-from .flat_step import call_plan
+from .flat_step import call_plan, steps_per_call
 
 # The configs `eicl bench` measures when none is given: the paper's and a small one.
 DEFAULT_CONFIGS = ("images_all_exemplars.toml", "quickstart.toml")
@@ -91,7 +91,7 @@ class StepRunner:
         from .inputs import host_fields_of_steps, to_device
 
         self.stack = stack
-        self.per_call = cfg.train.steps_per_call
+        self.per_call = steps_per_call(cfg.train.steps_per_call)
         if stack > 1:
             from . import stack as stack_mod
             cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
@@ -172,7 +172,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
 
     data = device_data(dataset, cfg)
     runner = StepRunner(cfg, dataset, data, generator, stack)
-    per_call = cfg.train.steps_per_call
+    per_call = steps_per_call(cfg.train.steps_per_call)
     steps = -(-steps // per_call) * per_call  # whole calls only: no second compilation
     started = time.perf_counter()
     runner.run(0, per_call)

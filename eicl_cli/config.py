@@ -166,8 +166,9 @@ class TrainConfig:
     # decay per step (0 = off: evaluate the trained parameters themselves).
     ema_decay: float = 0.0
     # Training steps per device call: K > 1 runs K steps in one jitted loop,
-    # so the host's per-call work is paid once per K steps (train.py).
-    steps_per_call: int = 1
+    # so the host's per-call work is paid once per K steps (train.py); 0 =
+    # chosen for the machine (flat_step.steps_per_call).
+    steps_per_call: int = 0
 
 
 @dataclass(frozen=True)
@@ -542,7 +543,7 @@ def validate(cfg: Config) -> None:
     _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
 
     _at_least("train.batch_size", cfg.train.batch_size, 1)
-    _at_least("train.steps_per_call", cfg.train.steps_per_call, 1)
+    _at_least("train.steps_per_call", cfg.train.steps_per_call, 0)
     _prob("train.w_interim", cfg.train.w_interim)
     if cfg.embedding.concatenate_labels and cfg.train.w_interim > 0:
         # Each concatenated token holds its own image's label, so a loss on the

@@ -124,6 +124,24 @@ class FlatStep:
         return Carry(leaves, carry.treedef), sums
 
 
+# Steps per call where train.steps_per_call = 0 (auto). Measured on an H100
+# (docs/results/gpu/bench_session14_h100.jsonl): 10 took the quickstart from
+# 2.50 to 0.73 ms a step and the paper config from 5.18 to 4.88 ms. On a CPU
+# a step dwarfs the call's fixed price, and XLA's CPU convolutions ran slower
+# inside the loop (quickstart 21-26 against 61 ms).
+AUTO_STEPS_PER_CALL = {"cpu": 1}
+AUTO_STEPS_PER_CALL_ACCELERATOR = 10
+
+
+def steps_per_call(requested: int, backend: str | None = None) -> int:
+    """train.steps_per_call as run: the value itself, or for 0 the choice for
+    this machine's JAX backend (1 on a CPU, 10 on a GPU or other accelerator)."""
+    if requested:
+        return requested
+    backend = backend or jax.default_backend()
+    return AUTO_STEPS_PER_CALL.get(backend, AUTO_STEPS_PER_CALL_ACCELERATOR)
+
+
 def call_plan(start: int, total: int, per_call: int, intervals: tuple[int, ...]) -> Iterator[int]:
     """How many steps each device call runs, from step `start` to `total`:
     `per_call` where that many fit before the next multiple of any of

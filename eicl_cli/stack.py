@@ -34,7 +34,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import device_label_masks, evaluate_modes, table_rows
-from .flat_step import Carry, FlatStep, call_plan
+from .flat_step import Carry, FlatStep, call_plan, steps_per_call
 from .inputs import host_fields
 from .optim import evaluation_model
 
@@ -282,7 +282,7 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
             view.print(f"{names[i]}:")
             view.eval_table(step, table_rows(cfg, results))
 
-    sizes = call_plan(start, total, cfgs[0].train.steps_per_call,
+    sizes = call_plan(start, total, steps_per_call(cfgs[0].train.steps_per_call),
                       (r.log_every, r.eval_every, r.checkpoint_every))
     step, n = start, next(sizes)
     batch = stacked.batch(step, n)

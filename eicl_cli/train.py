@@ -35,7 +35,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .evaluate import METRICS, device_label_masks, evaluate_modes, table_rows
-from .flat_step import Carry, FlatStep, call_plan
+from .flat_step import Carry, FlatStep, call_plan, steps_per_call
 from .inputs import device_data, host_fields, host_fields_of_steps, materialise
 from .optim import evaluation_model, learning_rate_schedule, make_optimizer
 
@@ -389,7 +389,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
             [generator.train_batch(s) for s in range(step, step + n)]), steps_first=True)
 
     sums = place.replicate(zero_sums())
-    sizes = call_plan(start, total, cfg.train.steps_per_call,
+    sizes = call_plan(start, total, steps_per_call(cfg.train.steps_per_call),
                       (r.log_every, r.eval_every, r.checkpoint_every))
     step, n = start, next(sizes)
     batch = batches(step, n)

@@ -12,7 +12,7 @@ import pytest
 from eicl_cli import runs, stack
 from eicl_cli import train as train_mod
 from eicl_cli.errors import EiclError
-from eicl_cli.flat_step import call_plan
+from eicl_cli.flat_step import call_plan, steps_per_call
 from train_support import tensors, tiny, train_run
 
 # Batch norm (one-group ResNet), dropout and pixel noise: the state and the
@@ -49,9 +49,24 @@ def test_call_plan_uses_whole_calls_between_boundaries():
     assert list(call_plan(0, 10, 4, ())) == [4, 4, 1, 1]
 
 
-def test_steps_per_call_must_be_positive(data_dir: Path):
-    with pytest.raises(EiclError, match=r"train.steps_per_call = 0 must be >= 1"):
-        tiny(data_dir, "train.steps_per_call=0")
+def test_steps_per_call_must_not_be_negative(data_dir: Path):
+    with pytest.raises(EiclError, match=r"train.steps_per_call = -1 must be >= 0"):
+        tiny(data_dir, "train.steps_per_call=-1")
+
+
+def test_steps_per_call_zero_is_chosen_for_the_backend():
+    assert steps_per_call(0, "cpu") == 1
+    assert steps_per_call(0, "gpu") == 10 and steps_per_call(0, "tpu") == 10
+    assert steps_per_call(3, "cpu") == 3 and steps_per_call(1, "gpu") == 1
+    assert steps_per_call(0) == 1  # the tests run on a CPU
+
+
+def test_bench_of_the_default_reports_the_steps_per_call_it_ran(data_dir: Path):
+    from eicl_cli import bench
+    cfg = tiny(data_dir)
+    assert cfg.train.steps_per_call == 0
+    out = bench.bench_config(cfg, steps=2, generator_seconds=0.05, eval_sequences=64)
+    assert out["steps_per_call"] == 1 and out["train_steps"] == 2
 
 
 @pytest.mark.slow  # compiles the ResNet step three ways
