@@ -294,11 +294,7 @@ def compile_step(config: Path, overrides: list[str], stack: int, target: str) ->
     generator = SequenceGenerator(dataset, cfg)
     runner = bench.StepRunner(cfg, dataset, device_data(dataset, cfg), generator, stack)
     k = steps_per_call(cfg.train.steps_per_call, "gpu")  # as a run on the GPU would
-    batch = runner._batches(0, k)
-    step = runner._step_fn
-    fn = step._for(runner.carry.treedef) if k == 1 else step._steps_for(runner.carry.treedef)
-    args = (runner._consts, runner.carry.leaves, batch, jax.numpy.asarray(0, "int32"),
-            runner.sums)
+    fn, args = runner.first_call(k)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_gpu)
         if hasattr(x, "dtype") else x, args)

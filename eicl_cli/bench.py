@@ -129,6 +129,14 @@ class StepRunner:
                 batch = self._batches(step, k)  # drawn while the device computes
         _block((self.carry.leaves, self.sums))
 
+    def first_call(self, k: int) -> tuple[Any, tuple]:
+        """The jitted function of a call of k steps from step 0 and its
+        arguments, as `run` would pass them: for compiling it elsewhere
+        (benchmarks/gpu_program.py compiles it for a GPU without one)."""
+        args = (self._consts, self.carry.leaves, self._batches(0, k),
+                jnp.asarray(0, jnp.int32), self.sums)
+        return self._step_fn.jitted(self.carry.treedef, k), args
+
     def _batches(self, step: int, k: int) -> Any:
         return self._next_batch(step) if k == 1 else self._batches_of(step, k)
 

@@ -105,6 +105,11 @@ class FlatStep:
             fn = self._compiled_steps[treedef] = jax.jit(train_steps, donate_argnums=(1, 4))
         return fn
 
+    def jitted(self, treedef: Any, n: int) -> Callable:
+        """The jitted function a call of n steps runs, taking
+        (consts, leaves, batch, first step, sums): to lower or inspect it."""
+        return self._for(treedef) if n == 1 else self._steps_for(treedef)
+
     def call(self, consts: Any, carry: Carry, batch: Any, step: int, n: int,
              sums: Any) -> tuple[Carry, Any]:
         """Steps step .. step + n - 1: the one step (n = 1, `batch` one step's)

@@ -142,3 +142,30 @@ def test_bench_measures_whole_calls(data_dir: Path):
     out = bench.bench_config(cfg, steps=6, generator_seconds=0.05, eval_sequences=64)
     assert out["steps_per_call"] == 4 and out["train_steps"] == 8  # rounded up to whole calls
     assert out["train_steps_per_s"] > 0 and out["compile_s"] >= 0
+
+
+def test_first_call_is_the_call_the_bench_runs(data_dir: Path):
+    """benchmarks/gpu_program.py compiles StepRunner.first_call for a GPU; on
+    the CPU it must compute what `run` computes for the same steps."""
+    import jax
+    from eicl_cli import bench
+    from eicl_cli.data.dataset import load_dataset
+    from eicl_cli.data.sequences import SequenceGenerator
+    from eicl_cli.inputs import device_data
+
+    cfg = tiny(data_dir, "train.steps_per_call=3")
+    dataset = load_dataset(cfg)
+
+    def runner():
+        return bench.StepRunner(cfg, dataset, device_data(dataset, cfg),
+                                SequenceGenerator(dataset, cfg))
+
+    ran = runner()
+    ran.run(0, 3)
+    fn, args = runner().first_call(3)
+    leaves, sums = fn(*args)
+    assert len(leaves) == len(ran.carry.leaves)
+    for got, want in zip(leaves, ran.carry.leaves):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, want in zip(jax.tree_util.tree_leaves(sums), jax.tree_util.tree_leaves(ran.sums)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
