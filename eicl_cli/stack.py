@@ -242,7 +242,8 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
         return [start] * len(cfgs)
     env = environment.record(start)
     for run_dir in run_dirs:
-        runs.append_environment(run_dir, {**env, "stacked_with": len(run_dirs)})
+        runs.append_environment(run_dir, {**env, "stacked_with": len(run_dirs), "steps_per_call":
+                                          steps_per_call(cfgs[0].train.steps_per_call)})
 
     r = cfgs[0].run
     step_fn = make_stacked_step(cfgs[0])

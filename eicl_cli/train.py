@@ -329,7 +329,9 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     if start >= total:
         return Outcome(run_dir, start, "already_done")
     if writer:
-        runs.append_environment(run_dir, environment.record(start))
+        # The steps per call change the rounding: record the K this start ran.
+        runs.append_environment(run_dir, {**environment.record(start), "steps_per_call":
+                                          steps_per_call(cfg.train.steps_per_call)})
 
     masks = device_label_masks(generator, cfg.sequences.train_kind)
     step_fn = make_train_step(cfg)

@@ -52,7 +52,8 @@ def test_stacked_points_equal_the_same_points_trained_one_by_one(data_dir: Path,
     for a, s in zip(alone, stacked):
         ta, ts = runs.read_metrics(a, kind="train"), runs.read_metrics(s, kind="train")
         assert [r["step"] for r in ts] == [1, 2, 3, 4, 5, 6]
-        assert [(e["step"], e["stacked_with"]) for e in runs.read_environment(s)] == [(0, 4), (3, 4)]
+        assert [(e["step"], e["stacked_with"], e["steps_per_call"])
+                for e in runs.read_environment(s)] == [(0, 4, 1), (3, 4, 1)]
         assert not (s / runs.TRAIN_LOCK).exists()
         np.testing.assert_allclose([r["loss"] for r in ts], [r["loss"] for r in ta],
                                    rtol=1e-4, atol=1e-5)

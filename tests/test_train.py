@@ -75,6 +75,7 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path):
     assert env[1]["packages"]["jax"] == jax.__version__ and env[1]["packages"]["eicl"]
     assert env[1]["backend"] == "cpu" and env[1]["python"] == platform.python_version()
     assert env[1]["cpu"] and env[1]["cpus"] >= 1 and len(env[1]["devices"]) == jax.device_count()
+    assert env[1]["steps_per_call"] == 1  # the default (0) as run on a CPU
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint(data_dir: Path, tmp_path: Path, capsys):
