@@ -88,7 +88,7 @@ class StepRunner:
     def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
         from .evaluate import device_label_masks
         from .flat_step import Carry
-        from .inputs import host_fields_of_steps, to_device
+        from .inputs import train_fields
 
         self.stack = stack
         self.per_call = steps_per_call(cfg.train.steps_per_call)
@@ -97,8 +97,7 @@ class StepRunner:
             cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
                     for i in range(stack)]
             trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
-            self._next_batch = lambda step: trainer.batch(step)
-            self._batches_of = lambda step, k: trainer.batch(step, k)
+            self._batches = trainer.batch
             self._step_fn = stack_mod.make_stacked_step(cfg)
             self._consts = trainer.consts
             self.carry, self.sums = trainer.carry, trainer.sums
@@ -106,10 +105,8 @@ class StepRunner:
             from .train import initial_state, make_train_step, zero_sums
             model, state, opt_state, step_key = initial_state(
                 cfg, tuple(dataset.images.shape[1:]))
-            self._next_batch = lambda step: to_device(generator.train_batch(step))
-            self._batches_of = lambda step, k: {
-                name: jnp.asarray(a) for name, a in host_fields_of_steps(
-                    [generator.train_batch(s) for s in range(step, step + k)]).items()}
+            self._batches = lambda step, k: {
+                name: jnp.asarray(a) for name, a in train_fields(generator, step, k).items()}
             self._step_fn = make_train_step(cfg)
             self._consts = (data, device_label_masks(generator, cfg.sequences.train_kind),
                             step_key)
@@ -136,9 +133,6 @@ class StepRunner:
         args = (self._consts, self.carry.leaves, self._batches(0, k),
                 jnp.asarray(0, jnp.int32), self.sums)
         return self._step_fn.jitted(self.carry.treedef, k), args
-
-    def _batches(self, step: int, k: int) -> Any:
-        return self._next_batch(step) if k == 1 else self._batches_of(step, k)
 
     def model_and_state(self) -> tuple[Any, Any]:
         """The (first) run's model and batch-norm state."""
@@ -180,7 +174,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
 
     data = device_data(dataset, cfg)
     runner = StepRunner(cfg, dataset, data, generator, stack)
-    per_call = steps_per_call(cfg.train.steps_per_call)
+    per_call = runner.per_call
     steps = -(-steps // per_call) * per_call  # whole calls only: no second compilation
     started = time.perf_counter()
     runner.run(0, per_call)

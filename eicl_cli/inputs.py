@@ -82,9 +82,13 @@ def host_fields(batch: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(getattr(batch, name), np.int32) for name in DEVICE_FIELDS}
 
 
-def host_fields_of_steps(batches: list[Any]) -> dict[str, np.ndarray]:
-    """Several steps' Batches -> host arrays with the steps on a new leading axis."""
-    fields = [host_fields(b) for b in batches]
+def train_fields(generator: Any, step: int, n: int = 1) -> dict[str, np.ndarray]:
+    """The generator's training batches of steps step .. step + n - 1 as host
+    arrays: one step's as they are, n > 1 steps' on a new leading axis (for
+    FlatStep.steps, which loops over it)."""
+    if n == 1:
+        return host_fields(generator.train_batch(step))
+    fields = [host_fields(generator.train_batch(s)) for s in range(step, step + n)]
     return {name: np.stack([f[name] for f in fields]) for name in fields[0]}
 
 

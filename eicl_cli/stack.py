@@ -35,7 +35,7 @@ from .config import Config
 from .errors import EiclError
 from .evaluate import device_label_masks, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep, call_plan, steps_per_call
-from .inputs import host_fields
+from .inputs import train_fields
 from .optim import evaluation_model
 
 # Keys that may differ between stacked runs: they change the data stream,
@@ -88,12 +88,6 @@ def stack_trees(trees: list[Any]) -> Any:
 def replica(tree: Any, i: int) -> Any:
     """Replica i of a stacked pytree (the leading axis indexed away)."""
     return jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, tree)
-
-
-def stack_batches(batches: list[Any]) -> dict[str, jax.Array]:
-    """K generator Batches -> (K, B, L) device arrays, one copy per field."""
-    fields = [host_fields(b) for b in batches]
-    return {k: jnp.asarray(np.stack([f[k] for f in fields])) for k in fields[0]}
 
 
 def _regraft(like: Any, tree: Any) -> Any:
@@ -164,12 +158,10 @@ class StackedState:
     def batch(self, step: int, n: int = 1) -> dict[str, jax.Array]:
         """The runs' batches of step `step`, (K, B, L); with n > 1 those of
         steps step .. step + n - 1, (n, K, B, L), for FlatStep.steps."""
-        if n == 1:
-            return stack_batches([g.train_batch(step) for g in self.generators])
-        fields = [[host_fields(g.train_batch(s)) for g in self.generators]
-                  for s in range(step, step + n)]
-        return {k: jnp.asarray(np.stack([[f[k] for f in runs_] for runs_ in fields]))
-                for k in fields[0][0]}
+        fields = [train_fields(g, step, n) for g in self.generators]
+        runs_axis = 0 if n == 1 else 1
+        return {k: jnp.asarray(np.stack([f[k] for f in fields], axis=runs_axis))
+                for k in fields[0]}
 
     def step(self, step_fn: FlatStep, batch: dict[str, jax.Array], step: int, n: int = 1) -> None:
         """Step `step` (n steps from it with n > 1, `batch` from batch(step, n))."""
@@ -240,10 +232,10 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
     total = cfgs[0].run.steps
     if start >= total:
         return [start] * len(cfgs)
-    env = environment.record(start)
+    per_call = steps_per_call(cfgs[0].train.steps_per_call)
+    env = {**environment.record(start), "stacked_with": len(run_dirs), "steps_per_call": per_call}
     for run_dir in run_dirs:
-        runs.append_environment(run_dir, {**env, "stacked_with": len(run_dirs), "steps_per_call":
-                                          steps_per_call(cfgs[0].train.steps_per_call)})
+        runs.append_environment(run_dir, env)
 
     r = cfgs[0].run
     step_fn = make_stacked_step(cfgs[0])
@@ -283,7 +275,7 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
             view.print(f"{names[i]}:")
             view.eval_table(step, table_rows(cfg, results))
 
-    sizes = call_plan(start, total, steps_per_call(cfgs[0].train.steps_per_call),
+    sizes = call_plan(start, total, per_call,
                       (r.log_every, r.eval_every, r.checkpoint_every))
     step, n = start, next(sizes)
     batch = stacked.batch(step, n)

@@ -36,7 +36,7 @@ from .config import Config
 from .errors import EiclError
 from .evaluate import METRICS, device_label_masks, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep, call_plan, steps_per_call
-from .inputs import device_data, host_fields, host_fields_of_steps, materialise
+from .inputs import device_data, materialise, train_fields
 from .optim import evaluation_model, learning_rate_schedule, make_optimizer
 
 
@@ -328,10 +328,11 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     total = cfg.run.steps
     if start >= total:
         return Outcome(run_dir, start, "already_done")
+    per_call = steps_per_call(cfg.train.steps_per_call)
     if writer:
         # The steps per call change the rounding: record the K this start ran.
-        runs.append_environment(run_dir, {**environment.record(start), "steps_per_call":
-                                          steps_per_call(cfg.train.steps_per_call)})
+        runs.append_environment(run_dir, {**environment.record(start),
+                                          "steps_per_call": per_call})
 
     masks = device_label_masks(generator, cfg.sequences.train_kind)
     step_fn = make_train_step(cfg)
@@ -385,13 +386,10 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
 
     def batches(step: int, n: int) -> dict[str, jax.Array]:
         """The batches of steps step .. step + n - 1 on the device (one call's)."""
-        if n == 1:
-            return place.batch(host_fields(generator.train_batch(step)))
-        return place.batch(host_fields_of_steps(
-            [generator.train_batch(s) for s in range(step, step + n)]), steps_first=True)
+        return place.batch(train_fields(generator, step, n), steps_first=n > 1)
 
     sums = place.replicate(zero_sums())
-    sizes = call_plan(start, total, steps_per_call(cfg.train.steps_per_call),
+    sizes = call_plan(start, total, per_call,
                       (r.log_every, r.eval_every, r.checkpoint_every))
     step, n = start, next(sizes)
     batch = batches(step, n)
