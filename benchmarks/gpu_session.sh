@@ -3,7 +3,9 @@
 # so the whole fits one 10-minute call and its results come back:
 #   1. `eicl bench --json` of the paper config as it is (on a GPU its layers
 #      unrolled, 10 steps per device call), and --stack 8;
-#   2. both in bfloat16; the quickstart config alone and --stack 8;
+#   2. the quickstart config alone and --stack 8, with batch workers (the
+#      default on a GPU) and without; the paper config and --stack 8 in
+#      bfloat16;
 #   3. variants: the paper config with one step per call, --stack 8 with the
 #      ResNet's convolutions as GEMMs (embedding.conv_impl = gemm, replacing
 #      the grouped convolutions vmap makes), --stack 4, the quickstart with
@@ -88,6 +90,9 @@ BF16="--set model.dtype=bfloat16"
 # host's fixed price per call, 400+ buffers handed over and back and the
 # dispatch, is then paid once per ten steps).
 ONE_CALL="--set train.steps_per_call=1"
+# Stacked runs' batches drawn in the training process, as before batch
+# workers (the default on a GPU: one worker process per run).
+NO_WORKERS="--set train.draw_workers=0"
 
 if [ "$PLAN" = paper ]; then
   RUN=$ROOT/runs/gpu-paper
@@ -122,13 +127,14 @@ fi
 
 if [ "$PLAN" = stack ]; then
   # What stacking costs beside one run, on one machine: the quickstart alone
-  # and 8 stacked (a small, latency-bound model), the paper config alone, 8
-  # stacked in bfloat16 (half the bytes) and 4 stacked. About 6 minutes: on
-  # a fresh machine a paper bench needs 60-90 s (compilation, autotuning),
-  # a stacked one 90 s or more.
+  # and 8 stacked (a small, latency-bound model), with batch workers and
+  # without, the paper config alone, 8 stacked in bfloat16 (half the bytes)
+  # and 4 stacked. About 6 minutes: on a fresh machine a paper bench needs
+  # 60-90 s (compilation, autotuning), a stacked one 90 s or more.
   stamp bench stack plan
-  bench "$ROOT" "$(cap 45)" -c "$QUICK" --steps 1000 >>"$OUT/bench.jsonl"
-  bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 500 --stack 8 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 45)" -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 $NO_WORKERS >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $BF16 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 4 >>"$OUT/bench.jsonl"
@@ -143,11 +149,13 @@ stamp bench
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
 stamp bench stack
 bench "$ROOT" "$(cap 120)" -c "$PAPER" --steps 150 --stack 8 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 120)" -c "$PAPER" --steps 150 --stack 8 $BF16 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $BF16 >>"$OUT/bench.jsonl"
 stamp bench quickstart
 bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
-bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 500 --stack 8 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 $NO_WORKERS >>"$OUT/bench.jsonl"
+stamp bench bfloat16
+bench "$ROOT" "$(cap 120)" -c "$PAPER" --steps 150 --stack 8 $BF16 >>"$OUT/bench.jsonl"
+bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $BF16 >>"$OUT/bench.jsonl"
 stamp bench variants
 bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 600 $ONE_CALL >>"$OUT/bench.jsonl"
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 150 --stack 8 $GEMM >>"$OUT/bench.jsonl"

@@ -8,11 +8,14 @@ Per config it measures, in one process:
   the current step, and the host waits for the device only once, at the end
   of the timed window (so asynchronous dispatch on a GPU is measured, not
   defeated);
+- how fast the loop's host side draws a call's batches (all stacked runs',
+  by the batch workers if it has them), apart from the step;
 - evaluation sequences/s (one mode, after its compilation);
 - peak host memory (RSS) and, where the device reports it, peak device memory.
 
 With `stack` K > 1 the step is the stacked one (stack.py): K replicas of the
-model, each on its own data stream, in one jitted step.
+model, each on its own data stream, in one jitted step, their batches drawn
+by worker processes where train.draw_workers says so (data/batch_workers.py).
 """
 
 from __future__ import annotations
@@ -88,15 +91,19 @@ class StepRunner:
     def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
         from .evaluate import device_label_masks
         from .flat_step import Carry
-        from .inputs import train_fields
+        from .data.sequences import train_fields
 
         self.stack = stack
         self.per_call = steps_per_call(cfg.train.steps_per_call)
+        self.batch_size = cfg.train.batch_size
+        self.draw_workers = 0
+        self._trainer = None
         if stack > 1:
             from . import stack as stack_mod
             cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
                     for i in range(stack)]
-            trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
+            trainer = self._trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
+            self.draw_workers = trainer.draw_workers
             self._batches = trainer.batch
             self._step_fn = stack_mod.make_stacked_step(cfg)
             self._consts = trainer.consts
@@ -126,6 +133,18 @@ class StepRunner:
                 batch = self._batches(step, k)  # drawn while the device computes
         _block((self.carry.leaves, self.sums))
 
+    def draw_rate(self, seconds: float) -> float:
+        """Sequences per second of drawing calls' batches as `run` draws
+        them (all runs', on the device; by the batch workers if any)."""
+        counter = iter(range(0, 10**12, self.per_call))
+        batch_rate = _rate(lambda: _block(self._batches(next(counter), self.per_call)), seconds)
+        return batch_rate * self.per_call * self.stack * self.batch_size
+
+    def close(self) -> None:
+        """Stop the stacked runs' batch workers, if any."""
+        if self._trainer is not None:
+            self._trainer.close()
+
     def first_call(self, k: int) -> tuple[Any, tuple]:
         """The jitted function of a call of k steps from step 0 and its
         arguments, as `run` would pass them: for compiling it elsewhere
@@ -141,6 +160,27 @@ class StepRunner:
             from .stack import replica
             model, state = replica(model, 0), replica(state, 0)
         return model, state
+
+
+def _time_training(runner: StepRunner, steps: int, draw_seconds: float) -> dict[str, Any]:
+    """Compile time apart, then the steady state over about `steps` steps
+    (whole calls), then how fast the host draws the calls' batches."""
+    per_call = runner.per_call
+    steps = -(-steps // per_call) * per_call  # whole calls only: no second compilation
+    started = time.perf_counter()
+    runner.run(0, per_call)
+    first_call = time.perf_counter() - started
+    runner.run(per_call, per_call)  # a second untimed call: any one-off work after compiling
+    started = time.perf_counter()
+    runner.run(2 * per_call, steps)
+    took = time.perf_counter() - started
+    step_s = took / steps
+    return {"steps_per_call": per_call, "draw_workers": runner.draw_workers,
+            "draw_sequences_per_s": round(runner.draw_rate(draw_seconds), 1),
+            "compile_s": round(max(first_call - step_s * per_call, 0.0), 2),
+            "train_steps": steps, "train_steps_per_s": round(steps / took, 3),
+            "train_sequences_per_s": round(steps * runner.batch_size * runner.stack / took, 1),
+            "step_ms": round(1000 * step_s, 2)}
 
 
 def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
@@ -174,25 +214,13 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
 
     data = device_data(dataset, cfg)
     runner = StepRunner(cfg, dataset, data, generator, stack)
-    per_call = runner.per_call
-    steps = -(-steps // per_call) * per_call  # whole calls only: no second compilation
-    started = time.perf_counter()
-    runner.run(0, per_call)
-    first_call = time.perf_counter() - started
-    runner.run(per_call, per_call)  # a second untimed call: any one-off work after compiling
-    started = time.perf_counter()
-    runner.run(2 * per_call, steps)
-    took = time.perf_counter() - started
-    step_s = took / steps
-    out["steps_per_call"] = per_call
-    out["compile_s"] = round(max(first_call - step_s * per_call, 0.0), 2)
-    out["train_steps"] = steps
-    out["train_steps_per_s"] = round(steps / took, 3)
-    out["train_sequences_per_s"] = round(steps * b * stack / took, 1)
-    out["step_ms"] = round(1000 * step_s, 2)
+    try:
+        out.update(_time_training(runner, steps, generator_seconds))
+        model, state = runner.model_and_state()
+    finally:
+        runner.close()
 
     # Evaluation of one replica: the first eval mode, after its compilation.
-    model, state = runner.model_and_state()
     mode = cfg.eval.modes[0]
     eval_batch = cfg.eval.batch_size
     if jax.default_backend() == "cpu":

@@ -169,6 +169,10 @@ class TrainConfig:
     # so the host's per-call work is paid once per K steps (train.py); 0 =
     # chosen for the machine (flat_step.steps_per_call).
     steps_per_call: int = 0
+    # Processes that draw stacked runs' training batches (sweep --stack),
+    # a call ahead: -1 = chosen for the machine (data.batch_workers), 0 =
+    # none (drawn in the training process). Batches are the same either way.
+    draw_workers: int = -1
 
 
 @dataclass(frozen=True)
@@ -544,6 +548,9 @@ def validate(cfg: Config) -> None:
 
     _at_least("train.batch_size", cfg.train.batch_size, 1)
     _at_least("train.steps_per_call", cfg.train.steps_per_call, 0)
+    if cfg.train.draw_workers < -1:
+        raise ConfigError(f"train.draw_workers = {cfg.train.draw_workers} must be >= 0, "
+                          "or -1 for chosen for the machine")
     _prob("train.w_interim", cfg.train.w_interim)
     if cfg.embedding.concatenate_labels and cfg.train.w_interim > 0:
         # Each concatenated token holds its own image's label, so a loss on the

@@ -389,6 +389,8 @@ _BENCH_ROWS = (
     ("device", "device", "{}"),
     ("stack", "stacked runs", "{}"),
     ("generator_sequences_per_s", "generator sequences/s", "{:,.0f}"),
+    ("draw_workers", "batch draw workers", "{}"),
+    ("draw_sequences_per_s", "loop draws sequences/s", "{:,.0f}"),
     ("compile_s", "compile s", "{:.1f}"),
     ("train_steps_per_s", "train steps/s", "{:,.3f}"),
     ("train_sequences_per_s", "train sequences/s", "{:,.1f}"),

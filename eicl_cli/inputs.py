@@ -27,16 +27,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .config import Config
 from .data.augment import variant_permutations
 from .data.dataset import Dataset, resize_matrix
+from .data.sequences import host_fields
 
 # The size the original draws random rare images and noise at (Omniglot's).
 SOURCE_SIZE = 105
-# The Batch fields the device needs; everything else stays on the host.
-DEVICE_FIELDS = ("image_index", "variant", "label", "rare_slot")
 
 
 class DeviceData(eqx.Module):
@@ -75,21 +73,6 @@ def device_data(dataset: Dataset, cfg: Config) -> DeviceData:
         random_rare=(not symbolic) and bool(cfg.sequences.randomly_generate_rare),
         invert=(not symbolic) and bool(cfg.preproc.invert),
     )
-
-
-def host_fields(batch: Any) -> dict[str, np.ndarray]:
-    """The Batch's index arrays the step needs, as int32 host arrays."""
-    return {name: np.asarray(getattr(batch, name), np.int32) for name in DEVICE_FIELDS}
-
-
-def train_fields(generator: Any, step: int, n: int = 1) -> dict[str, np.ndarray]:
-    """The generator's training batches of steps step .. step + n - 1 as host
-    arrays: one step's as they are, n > 1 steps' on a new leading axis (for
-    FlatStep.steps, which loops over it)."""
-    if n == 1:
-        return host_fields(generator.train_batch(step))
-    fields = [host_fields(generator.train_batch(s)) for s in range(step, step + n)]
-    return {name: np.stack([f[name] for f in fields]) for name in fields[0]}
 
 
 def to_device(batch: Any) -> dict[str, jax.Array]:

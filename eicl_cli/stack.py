@@ -32,10 +32,11 @@ import numpy as np
 from . import checkpoint, display, environment, runs
 from . import config as config_mod
 from .config import Config
+from .data.batch_workers import BatchWorkers, worker_count
+from .data.sequences import train_fields
 from .errors import EiclError
 from .evaluate import device_label_masks, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep, call_plan, steps_per_call
-from .inputs import train_fields
 from .optim import evaluation_model
 
 # Keys that may differ between stacked runs: they change the data stream,
@@ -124,6 +125,11 @@ class StackedState:
     consts: Any
     carry: Carry  # the stacked models, states and optimizer states
     sums: Any
+    workers: Any = None  # data.batch_workers.BatchWorkers drawing the batches, or None
+
+    @property
+    def draw_workers(self) -> int:
+        return self.workers.workers if self.workers is not None else 0
 
     def trees(self) -> tuple[Any, Any, Any]:
         """(stacked model, stacked state, stacked optimizer state)."""
@@ -149,19 +155,30 @@ class StackedState:
             keys.append(step_key)
             masks.append(device_label_masks(gen, cfg.sequences.train_kind))
         k = len(cfgs)
+        n_workers = worker_count(cfgs[0].train.draw_workers, k, jax.default_backend())
         return StackedState(
             cfgs=list(cfgs), generators=gens,
             consts=(data, stack_trees(masks), jnp.stack(keys)),
             carry=Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts)),
-            sums=stack_trees([zero_sums() for _ in range(k)]))
+            sums=stack_trees([zero_sums() for _ in range(k)]),
+            workers=BatchWorkers(dataset, cfgs, n_workers) if n_workers else None)
 
     def batch(self, step: int, n: int = 1) -> dict[str, jax.Array]:
         """The runs' batches of step `step`, (K, B, L); with n > 1 those of
         steps step .. step + n - 1, (n, K, B, L), for FlatStep.steps."""
-        fields = [train_fields(g, step, n) for g in self.generators]
+        if self.workers is not None:
+            fields = self.workers.fields(step, n)
+        else:
+            fields = [train_fields(g, step, n) for g in self.generators]
         runs_axis = 0 if n == 1 else 1
         return {k: jnp.asarray(np.stack([f[k] for f in fields], axis=runs_axis))
                 for k in fields[0]}
+
+    def close(self) -> None:
+        """Stop the batch workers, if any."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def step(self, step_fn: FlatStep, batch: dict[str, jax.Array], step: int, n: int = 1) -> None:
         """Step `step` (n steps from it with n > 1, `batch` from batch(step, n))."""
@@ -186,9 +203,7 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
                  dataset: Any) -> list[int]:
     from .data.dataset import load_dataset
     from .inputs import device_data
-    from .optim import learning_rate_schedule
-    from .train import (TrainingDiverged, _Interrupt, _all_finite, _restore,
-                        checkpoint_and_evaluate, train_record, with_cache_identity, zero_sums)
+    from .train import with_cache_identity
 
     run_dirs = [Path(d) for d in run_dirs]
     names = [d.name for d in run_dirs]
@@ -199,6 +214,20 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
     tomls = [config_mod.to_toml(c) for c in cfgs]
     data = device_data(dataset, cfgs[0])
     stacked = StackedState.fresh(cfgs, dataset, data)
+    try:
+        return _run_stack(cfgs, run_dirs, names, tomls, data, stacked, live=live)
+    finally:
+        stacked.close()
+
+
+def _run_stack(cfgs: list[Config], run_dirs: list[Path], names: list[str], tomls: list[str],
+               data: Any, stacked: StackedState, *, live: bool | None) -> list[int]:
+    """The stacked training loop proper: restore, then step, log, evaluate
+    and checkpoint every run until run.steps."""
+    from .optim import learning_rate_schedule
+    from .train import (TrainingDiverged, _Interrupt, _all_finite, _restore,
+                        checkpoint_and_evaluate, train_record, zero_sums)
+
 
     starts, elapsed = [], []
     models, states, opts = [], [], []
@@ -233,7 +262,8 @@ def _train_stack(cfgs: list[Config], run_dirs: list[Path], *, live: bool | None,
     if start >= total:
         return [start] * len(cfgs)
     per_call = steps_per_call(cfgs[0].train.steps_per_call)
-    env = {**environment.record(start), "stacked_with": len(run_dirs), "steps_per_call": per_call}
+    env = {**environment.record(start), "stacked_with": len(run_dirs), "steps_per_call": per_call,
+           "draw_workers": stacked.draw_workers}
     for run_dir in run_dirs:
         runs.append_environment(run_dir, env)
 

@@ -33,10 +33,11 @@ import jax.numpy as jnp
 from . import checkpoint, display, environment, parallel, runs
 from . import config as config_mod
 from .config import Config
+from .data.sequences import train_fields
 from .errors import EiclError
 from .evaluate import METRICS, device_label_masks, evaluate_modes, table_rows
 from .flat_step import Carry, FlatStep, call_plan, steps_per_call
-from .inputs import device_data, materialise, train_fields
+from .inputs import device_data, materialise
 from .optim import evaluation_model, learning_rate_schedule, make_optimizer
 
 

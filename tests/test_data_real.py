@@ -1,7 +1,5 @@
 """The real Omniglot zips in ../shared/data/omniglot (skipped when absent)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 

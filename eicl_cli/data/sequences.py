@@ -473,6 +473,25 @@ class SequenceGenerator:
         )
 
 
+# The Batch fields the training step needs on the device; the rest stay on the host.
+DEVICE_FIELDS = ("image_index", "variant", "label", "rare_slot")
+
+
+def host_fields(batch: Batch) -> dict[str, np.ndarray]:
+    """The Batch's index arrays the step needs, as int32 host arrays."""
+    return {name: np.asarray(getattr(batch, name), np.int32) for name in DEVICE_FIELDS}
+
+
+def train_fields(generator: SequenceGenerator, step: int, n: int = 1) -> dict[str, np.ndarray]:
+    """The generator's training batches of steps step .. step + n - 1 as host
+    arrays: one step's as they are, n > 1 steps' on a new leading axis (for
+    FlatStep.steps, which loops over it)."""
+    if n == 1:
+        return host_fields(generator.train_batch(step))
+    fields = [host_fields(generator.train_batch(s)) for s in range(step, step + n)]
+    return {name: np.stack([f[name] for f in fields]) for name in fields[0]}
+
+
 def batch_records(batch: Batch, dataset: Any) -> list[dict]:
     """One JSON-ready dict per sequence (for `eicl sample --json`)."""
     drawers = np.asarray(dataset.image_drawer)[batch.image_index]
