@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eicl_cli import runs, stack
+from eicl_cli import runs, stack, sweep
 from eicl_cli import train as train_mod
 from eicl_cli.data.batch_workers import BatchWorkers, worker_count
 from eicl_cli.data.dataset import load_dataset
 from eicl_cli.data.sequences import SequenceGenerator, train_fields
 from eicl_cli.errors import EiclError
-from train_support import tensors, tiny
+from train_support import TINY, tensors, tiny
 
 POINTS = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=1.0", "run.seed=1"),
           ("classes.zipf_exponent=1.0", "run.seed=2")]
@@ -111,3 +114,55 @@ def test_stacked_training_with_workers_equals_training_without(data_dir: Path, t
         assert c2.keys() == c0.keys()
         for name in c0:
             np.testing.assert_array_equal(c2[name], c0[name], err_msg=name)
+
+
+@pytest.mark.slow  # a real stacked sweep process, interrupted, then continued
+def test_ctrl_c_on_a_stacked_sweep_with_workers_saves_and_resumes(data_dir: Path,
+                                                                 tmp_path: Path):
+    steps = 600
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text(f"""
+base = "{TINY.as_posix()}"
+seeds = [0, 1]
+[set]
+"run.steps" = {steps}
+"run.eval_every" = {steps}
+"run.checkpoint_every" = 10
+"train.draw_workers" = 2
+""")
+    out = tmp_path / "sweep"
+    env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "eicl_cli.cli", "sweep", str(sweep_file), "--out", str(out),
+               "--stack", "2"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    names: list[str] = []
+    deadline = time.time() + 240
+    try:
+        # Ctrl+C (the sweep passes it to the stacked process's whole group,
+        # its batch workers included) once both runs have a checkpoint.
+        while time.time() < deadline and proc.poll() is None:
+            if (out / sweep.MANIFEST).exists() and not names:
+                names = [r["name"] for r in sweep.read_manifest(out)["runs"]]
+            if names and all((sweep.run_progress(out / n) or 0) >= 10 for n in names):
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, text
+    log = (out / "logs" / f"{names[0]}.log").read_text()
+    assert "Traceback" not in log and "batch worker" not in log, log
+    reached = [sweep.run_progress(out / n) for n in names]
+    assert reached[0] == reached[1] and 10 <= reached[0] < steps
+    assert [e["draw_workers"] for e in runs.read_environment(out / names[0])] == [2]
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for n in names:
+        assert sweep.is_finished(out / n, steps)
+        logged = [r["step"] for r in runs.read_metrics(out / n, kind="train")]
+        assert logged == sorted(set(logged)) and logged[-1] == steps  # none twice

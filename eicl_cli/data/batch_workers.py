@@ -43,7 +43,7 @@ def worker_count(requested: int, runs: int, backend: str, cpus: int | None = Non
 
     requested (train.draw_workers) >= 0 is taken as given, capped at one per
     run; -1 is auto: none on a CPU backend (its cores run the step itself),
-    elsewhere one per run up to the host's cores less the training
+    elsewhere one per run up to the usable cores less the training
     process's, and none when that leaves fewer than 2 (one worker only moves
     the drawing, it does not share it). A single run never uses workers."""
     if runs <= 1:
@@ -52,8 +52,17 @@ def worker_count(requested: int, runs: int, backend: str, cpus: int | None = Non
         return min(requested, runs)
     if backend == "cpu":
         return 0
-    n = min(runs, (cpus or os.cpu_count() or 1) - 1)
+    n = min(runs, (cpus or usable_cpus()) - 1)
     return n if n >= 2 else 0
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a batch scheduler's or taskset's
+    share, where the OS reports one), else all of the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
