@@ -83,8 +83,8 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_hang(data_dir: Path):
         workers.fields(0, 1)
         workers._procs[1].kill()
         workers._procs[1].wait()
-        with pytest.raises(EiclError, match=r"batch worker 1 stopped \(exit code -9\).*"
-                                            r"train.draw_workers = 0"):
+        with pytest.raises(EiclError, match=r"batch worker 1 stopped \(exit code -9;.*\); "
+                                            r"train.draw_workers = 0 draws"):
             workers.fields(1, 1)
 
 

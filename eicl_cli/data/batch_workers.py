@@ -173,8 +173,9 @@ class BatchWorkers:
             code = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
-        raise EiclError(f"batch worker {w} stopped (exit code {code}); its error is above. "
-                        "train.draw_workers = 0 draws the batches in the training process")
+        raise EiclError(f"batch worker {w} stopped (exit code {code}; its error, if it printed "
+                        "one, is above); train.draw_workers = 0 draws the batches in the "
+                        "training process")
 
     def _collect(self) -> list[dict[str, np.ndarray]]:
         """The answers to the oldest call asked for: every run's fields."""
