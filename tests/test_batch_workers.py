@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from eicl_cli.data.batch_workers import BatchWorkers, worker_count
 from eicl_cli.data.dataset import load_dataset
 from eicl_cli.data.sequences import SequenceGenerator, train_fields
 from eicl_cli.errors import EiclError
-from train_support import TINY, tensors, tiny
+from train_support import TINY, interrupt_when, new_run_dirs, tensors, tiny
 
 POINTS = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=1.0", "run.seed=1"),
           ("classes.zipf_exponent=1.0", "run.seed=2")]
@@ -96,12 +95,7 @@ def test_stacked_training_with_workers_equals_training_without(data_dir: Path, t
             data_dir, *p, *sgd, "run.steps=10", "run.log_every=5", "run.eval_every=10",
             "run.checkpoint_every=10", "train.steps_per_call=2",
             f"train.draw_workers={n_workers}")) for p in POINTS]
-        dirs = []
-        for i, cfg in enumerate(cfgs):
-            d = tmp_path / f"w{n_workers}_{i}"
-            runs.new_run_dir(cfg, None, d)
-            runs.write_config(d, cfg)
-            dirs.append(d)
+        dirs = new_run_dirs(cfgs, tmp_path, f"w{n_workers}_")
         assert stack.train_stack(cfgs, dirs, live=False) == [10] * 3
         assert [e["draw_workers"] for d in dirs for e in runs.read_environment(d)] == \
             [n_workers] * 3
@@ -137,22 +131,15 @@ seeds = [0, 1]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     names: list[str] = []
-    deadline = time.time() + 240
-    try:
-        # Ctrl+C (the sweep passes it to the stacked process's whole group,
-        # its batch workers included) once both runs have a checkpoint.
-        while time.time() < deadline and proc.poll() is None:
-            if (out / sweep.MANIFEST).exists() and not names:
-                names = [r["name"] for r in sweep.read_manifest(out)["runs"]]
-            if names and all((sweep.run_progress(out / n) or 0) >= 10 for n in names):
-                proc.send_signal(signal.SIGINT)
-                break
-            time.sleep(0.05)
-        text, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def checkpointed() -> bool:
+        if not names and (out / sweep.MANIFEST).exists():
+            names.extend(r["name"] for r in sweep.read_manifest(out)["runs"])
+        return bool(names) and all((sweep.run_progress(out / n) or 0) >= 10 for n in names)
+
+    # Ctrl+C (the sweep passes it to the stacked process's whole group, its
+    # batch workers included) once both runs have a checkpoint.
+    text = interrupt_when(proc, checkpointed)
     assert proc.returncode == 130, text
     log = (out / "logs" / f"{names[0]}.log").read_text()
     assert "Traceback" not in log and "batch worker" not in log, log

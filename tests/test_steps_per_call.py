@@ -13,7 +13,7 @@ from eicl_cli import runs, stack
 from eicl_cli import train as train_mod
 from eicl_cli.errors import EiclError
 from eicl_cli.flat_step import call_plan, steps_per_call
-from train_support import tensors, tiny, train_run
+from train_support import new_run_dirs, tensors, tiny, train_run
 
 # Batch norm (one-group ResNet), dropout and pixel noise: the state and the
 # per-step keys go through the device loop too.
@@ -118,12 +118,7 @@ def test_stacked_runs_with_steps_per_call_follow_one_step_per_call(data_dir: Pat
         cfgs = [train_mod.resolved_config(tiny(
             data_dir, *p, *SGD, "run.steps=10", "run.log_every=5", "run.eval_every=10",
             "run.checkpoint_every=10", f"train.steps_per_call={per_call}")) for p in points]
-        dirs = []
-        for i, cfg in enumerate(cfgs):
-            d = tmp_path / f"k{per_call}_{i}"
-            runs.new_run_dir(cfg, None, d)
-            runs.write_config(d, cfg)
-            dirs.append(d)
+        dirs = new_run_dirs(cfgs, tmp_path, f"k{per_call}_")
         assert stack.train_stack(cfgs, dirs, live=False) == [10, 10]
         ends[per_call] = [(runs.read_metrics(d, kind="train"), tensors(runs.checkpoint_path(d, 10)))
                           for d in dirs]

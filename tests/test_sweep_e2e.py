@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from typer.testing import CliRunner
 
 from eicl_cli import runs, sweep
 from eicl_cli.cli import app
-from train_support import TINY
+from train_support import TINY, interrupt_when
 
 STEPS = 400
 
@@ -54,20 +52,9 @@ seeds = [0, 1]
     first, second = names[0], names[1]
 
     proc = _sweep_cli(sweep_file, out, data_dir)
-    deadline = time.time() + 240
-    try:
-        # Ctrl+C once the first run is done and the second has saved a checkpoint.
-        while time.time() < deadline and proc.poll() is None:
-            if (sweep.is_finished(out / first, STEPS)
-                    and (sweep.run_progress(out / second) or 0) >= 10):
-                proc.send_signal(signal.SIGINT)
-                break
-            time.sleep(0.05)
-        text, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # Ctrl+C once the first run is done and the second has saved a checkpoint.
+    text = interrupt_when(proc, lambda: sweep.is_finished(out / first, STEPS)
+                          and (sweep.run_progress(out / second) or 0) >= 10)
     assert proc.returncode == 130, text
     states = {s.name: s.state for s in sweep.statuses(out)}
     assert states[first] == "finished"

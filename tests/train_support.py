@@ -37,6 +37,39 @@ def train_run(cfg: config.Config, run_dir: Path, resume: bool = False):
     return train_mod.train(cfg, run_dir, resume=resume, live=False)
 
 
+def new_run_dirs(cfgs: list[config.Config], root: Path, prefix: str) -> list[Path]:
+    """One new run folder per (resolved) config, root/prefix0, root/prefix1...,
+    each holding its config as `eicl sweep` leaves them for a stacked process."""
+    from eicl_cli import runs
+    dirs = []
+    for i, cfg in enumerate(cfgs):
+        d = Path(root) / f"{prefix}{i}"
+        runs.new_run_dir(cfg, None, d)
+        runs.write_config(d, cfg)
+        dirs.append(d)
+    return dirs
+
+
+def interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> str:
+    """Send `proc` Ctrl+C (SIGINT) once ready() is true, then return its
+    output; it is killed if it outlives the test."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return text
+
+
 def eicl(*args: str, data_dir: Path, env: dict | None = None, timeout: float = 300,
          **popen) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (stdout is a pipe: plain log lines)."""
