@@ -153,3 +153,21 @@ seeds = [0, 1]
         assert sweep.is_finished(out / n, steps)
         logged = [r["step"] for r in runs.read_metrics(out / n, kind="train")]
         assert logged == sorted(set(logged)) and logged[-1] == steps  # none twice
+
+
+def test_bench_of_a_stack_reports_its_workers_and_stops_them(data_dir: Path, monkeypatch):
+    from eicl_cli import bench
+    from eicl_cli.data import batch_workers
+    started = []
+    real = batch_workers.BatchWorkers.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        started.append(list(self._procs))
+
+    monkeypatch.setattr(batch_workers.BatchWorkers, "__init__", spy)
+    out = bench.bench_config(tiny(data_dir, "train.draw_workers=2"), steps=2, stack=3,
+                             generator_seconds=0.1)
+    assert out["draw_workers"] == 2 and out["stack"] == 3
+    assert out["draw_sequences_per_s"] > 0
+    assert [p.poll() for p in started[0]] == [0, 0]  # closed with the bench
