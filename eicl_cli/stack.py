@@ -125,7 +125,7 @@ class StackedState:
     consts: Any
     carry: Carry  # the stacked models, states and optimizer states
     sums: Any
-    workers: Any = None  # data.batch_workers.BatchWorkers drawing the batches, or None
+    workers: BatchWorkers | None = None  # drawing the runs' batches, if any
 
     @property
     def draw_workers(self) -> int:
