@@ -96,14 +96,12 @@ class StepRunner:
         self.stack = stack
         self.per_call = steps_per_call(cfg.train.steps_per_call)
         self.batch_size = cfg.train.batch_size
-        self.draw_workers = 0
         self._trainer = None
         if stack > 1:
             from . import stack as stack_mod
             cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
                     for i in range(stack)]
             trainer = self._trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
-            self.draw_workers = trainer.draw_workers
             self._batches = trainer.batch
             self._step_fn = stack_mod.make_stacked_step(cfg)
             self._consts = trainer.consts
@@ -132,6 +130,11 @@ class StepRunner:
             if k:
                 batch = self._batches(step, k)  # drawn while the device computes
         _block((self.carry.leaves, self.sums))
+
+    @property
+    def draw_workers(self) -> int:
+        """Processes drawing the stacked runs' batches (0: drawn in-process)."""
+        return self._trainer.draw_workers if self._trainer is not None else 0
 
     def draw_rate(self, seconds: float) -> float:
         """Sequences per second of drawing calls' batches as `run` draws

@@ -550,7 +550,7 @@ def validate(cfg: Config) -> None:
     _at_least("train.steps_per_call", cfg.train.steps_per_call, 0)
     if cfg.train.draw_workers < -1:
         raise ConfigError(f"train.draw_workers = {cfg.train.draw_workers} must be >= 0, "
-                          "or -1 for chosen for the machine")
+                          "or -1 (chosen for the machine)")
     _prob("train.w_interim", cfg.train.w_interim)
     if cfg.embedding.concatenate_labels and cfg.train.w_interim > 0:
         # Each concatenated token holds its own image's label, so a loss on the

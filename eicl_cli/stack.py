@@ -228,7 +228,6 @@ def _run_stack(cfgs: list[Config], run_dirs: list[Path], names: list[str], tomls
     from .train import (TrainingDiverged, _Interrupt, _all_finite, _restore,
                         checkpoint_and_evaluate, train_record, zero_sums)
 
-
     starts, elapsed = [], []
     models, states, opts = [], [], []
     fresh = stacked.trees()

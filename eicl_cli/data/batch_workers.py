@@ -12,7 +12,7 @@ batches are identical to those drawn in-process (tests/test_batch_workers.py).
 Each worker is `python -m eicl_cli.data.batch_workers`, talking over its
 stdin and stdout: first the runs' resolved configs (TOML) and the dataset's
 class tables, then one JSON line per call asked for; the answer is each of
-its runs' DEVICE_FIELDS arrays in NumPy's .npy format. A plain subprocess
+its runs' DEVICE_FIELDS as one raw int32 array (_send_fields). A plain subprocess
 (not multiprocessing) imports NumPy and the generator only, never the
 caller's script or JAX, and a worker that dies is an EOF here, not a hang.
 Workers ignore SIGINT: Ctrl-C is the training loop's to handle (checkpoint,
@@ -21,12 +21,12 @@ then stop); closing their stdin ends them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,7 +65,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass
+@dataclasses.dataclass
 class ClassTables:
     """What SequenceGenerator reads of a Dataset: its class tables, no pixels."""
 
@@ -74,7 +74,7 @@ class ClassTables:
     class_source: np.ndarray
 
 
-_TABLES = ("class_images", "class_variant", "class_source")
+_TABLES = tuple(f.name for f in dataclasses.fields(ClassTables))
 
 
 # The class tables travel once, in NumPy's .npy layout (header, then the raw
