@@ -90,9 +90,11 @@ def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
     for name in [n for n in a if n.startswith("state.")]:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
     # Parameters: Adam turns gradients that are zero up to rounding (e.g. the
-    # attention keys' bias) into full-size steps, so compare at the step size.
+    # attention keys' bias) or nearly so into full-size steps of either sign,
+    # so compare at the distance such a coordinate can go in 6 steps: the sum
+    # of the learning rates, 1e-3 * (1 + ... + 6) / 20 (warm-up of 20 steps).
     for name in [n for n in a if n.startswith("params.")]:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-3, atol=5e-4, err_msg=name)
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-3, atol=1.05e-3, err_msg=name)
 
 
 @pytest.mark.slow  # a fresh process compiling the step

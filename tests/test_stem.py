@@ -1,5 +1,6 @@
 """The fast ResNet stem (pool before batch norm's affine map, the one-channel
-convolution's weight gradient as a GEMM) against the plain formulation:
+convolution's weight gradient as a GEMM; on a CPU in cache-sized blocks, the
+map's moments from the taps' Gram matrix) against the plain formulation:
 XLA convolution, batch norm, ReLU, reduce_window max pool; and convolutions
 as GEMMs (`embedding.conv_impl = "gemm"`) against XLA's convolution."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,17 +36,35 @@ def _loss(stem_fn):
     return loss
 
 
-@pytest.mark.parametrize("size", [105, 28])
-def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(size):
-    enc = ResNetEncoder((1,), (16,), jax.random.key(1))
+def _stem_with_negative_scales(seed: int = 1):
+    enc = ResNetEncoder((1,), (16,), jax.random.key(seed))
     # Some channels with a negative batch-norm scale: their max pool becomes a min.
-    enc = eqx.tree_at(lambda e: e.initial_norm.scale, enc, enc.initial_norm.scale.at[:5].set(-0.7))
+    return eqx.tree_at(lambda e: e.initial_norm.scale, enc,
+                       enc.initial_norm.scale.at[:5].set(-0.7))
+
+
+# (sequences, images per sequence, image size, pixel values): three 53 x 53
+# stem maps make one block, four make two blocks of two, 28 x 28 images one
+# block of all; noisy images are not binary.
+STEM_CASES = [(2, 3, 105, "binary"), (2, 4, 105, "binary"), (3, 3, 28, "binary"),
+              (2, 3, 105, "noisy")]
+
+
+@pytest.mark.parametrize("form", ["blocked", "whole"])
+@pytest.mark.parametrize("case", STEM_CASES)
+def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(form, case):
+    batch, length, size, pixels = case
+    enc = _stem_with_negative_scales()
     rng = np.random.default_rng(0)
-    images = jnp.asarray((rng.random((2, 3, size, size)) > 0.3).astype(np.float32))
+    images = (rng.random((batch, length, size, size)) > 0.3).astype(np.float32)
+    if pixels == "noisy":
+        images += rng.normal(0, 0.1, images.shape).astype(np.float32)
+    images = jnp.asarray(images)
     params = (enc.initial_conv, enc.initial_norm)
     grad = lambda f, st: eqx.filter_value_and_grad(_loss(f), has_aux=True)(params, images, st)
     (_, (ref_out, ref_state)), ref_grads = grad(_reference_stem, eqx.nn.State(enc))
-    fast = lambda c, n, im, st: _stem(c, n, im, st, inference=False, dtype=jnp.float32)
+    fast = lambda c, n, im, st: _stem(c, n, im, st, inference=False, dtype=jnp.float32,
+                                      form=form)
     (_, (out, state)), grads = grad(fast, eqx.nn.State(enc))
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))
@@ -52,6 +72,85 @@ def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(size):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # At inference both normalise with the running averages just updated.
+    infer = lambda f: jax.vmap(lambda im: f(im, state)[0])(images)  # noqa: E731
+    np.testing.assert_allclose(
+        infer(lambda im, st: _stem(*params, im, st, inference=True, dtype=jnp.float32,
+                                   form=form)),
+        infer(lambda im, st: _reference_stem_inference(*params, im, st)), rtol=1e-5, atol=1e-5)
+
+
+def _reference_stem_inference(conv, norm, images, state):
+    y = lax.conv_general_dilated(images[..., None], conv.weight, (2, 2), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, state = norm(y, state, inference=True)
+    return lax.reduce_window(jax.nn.relu(y), -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                             "SAME"), state
+
+
+def _scan_lengths(fn, *args) -> list[int]:
+    lengths = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                lengths.append(eqn.params["length"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return lengths
+
+
+def test_blocked_stem_runs_the_batch_as_one_flat_loop_of_blocks():
+    # Under the batch's vmap the blocks run through all B x L images in one
+    # loop (forward and backward), not a loop per sequence batched over B.
+    enc = _stem_with_negative_scales()
+    images = jnp.asarray((np.random.default_rng(1).random((4, 6, 105, 105)) > 0.5)
+                         .astype(np.float32))
+    params, static = eqx.partition((enc.initial_conv, enc.initial_norm), eqx.is_inexact_array)
+    loss = lambda p, im: _loss(  # noqa: E731
+        lambda c, n, x, st: _stem(c, n, x, st, inference=False, dtype=jnp.float32,
+                                  form="blocked"))(eqx.combine(p, static), im,
+                                                   eqx.nn.State(enc))[0]
+    # 6 images per sequence: blocks of 3 (two per sequence), 4 x 6 / 3 = 8.
+    assert _scan_lengths(jax.grad(loss), params, images) == [8, 8]
+
+
+def test_blocked_convolution_and_pool_with_per_example_weights():
+    # Weights batched alongside the images (not the batch's vmap) take the
+    # plain vmap of the per-sequence form: each example with its own weights.
+    from eicl_cli.model.stem_blocked import pool_and_moments
+    rng = np.random.default_rng(2)
+    images = jnp.asarray((rng.random((2, 2, 28, 28)) > 0.5).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(2, 7, 7, 1, 8)).astype(np.float32))
+    sign = jnp.asarray(np.where(rng.random(8) > 0.5, 1.0, -1.0).astype(np.float32))
+
+    def loss(w, images):
+        pooled, mean, mean_sq = pool_and_moments(images, w, sign, 2, True)
+        return (pooled ** 2).sum() + (mean * mean_sq).sum()
+
+    each = [jax.value_and_grad(loss)(w[i], images[i]) for i in range(2)]
+    both = jax.vmap(jax.value_and_grad(loss))(w, images)
+    for i in range(2):
+        np.testing.assert_allclose(both[0][i], each[i][0], rtol=1e-5)
+        np.testing.assert_allclose(both[1][i], each[i][1], rtol=1e-5, atol=1e-5)
+    y = _conv(images[0][..., None], w[0], 2)
+    _, mean, mean_sq = pool_and_moments(images[0], w[0], sign, 2, True)
+    np.testing.assert_allclose(mean, y.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean_sq, (y ** 2).mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_stem_is_compiled_blocked_for_a_cpu_and_whole_for_a_gpu():
+    enc = _stem_with_negative_scales()
+    params, static = eqx.partition((enc.initial_conv, enc.initial_norm), eqx.is_inexact_array)
+    images = jnp.zeros((2, 3, 105, 105))
+    f = jax.jit(jax.grad(lambda p, im: _loss(
+        lambda c, n, x, st: _stem(c, n, x, st, inference=False, dtype=jnp.float32))(
+            eqx.combine(p, static), im, eqx.nn.State(enc))[0]))
+    cpu = f.trace(params, images).lower(lowering_platforms=("cpu",)).as_text()
+    gpu = f.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.while" in cpu and "stablehlo.convolution" not in cpu
+    assert "stablehlo.while" not in gpu and "stablehlo.convolution" in gpu
 
 
 def test_first_conv_of_the_conv_encoder_gets_the_same_weight_gradient():
@@ -76,18 +175,18 @@ def test_first_conv_of_the_conv_encoder_gets_the_same_weight_gradient():
 @pytest.mark.parametrize("shape", [(2, 53, 53, 3), (2, 54, 52, 3), (1, 1, 1, 2), (1, 2, 3, 1),
                                    (2, 7, 6, 2), (3, 27, 27, 4)])
 def test_max_pool_equals_reduce_window_in_values_and_gradients(shape):
-    from eicl_cli.model.encoders import _max_pool_3x3_s2
+    from eicl_cli.model.pooling import max_pool_3x3_s2
 
     def ref(x):
         return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-    np.testing.assert_array_equal(_max_pool_3x3_s2(x), ref(x))
+    np.testing.assert_array_equal(max_pool_3x3_s2(x), ref(x))
     w = jnp.arange(ref(x).size, dtype=jnp.float32).reshape(ref(x).shape)
     expected = jax.grad(lambda x: (ref(x) * w).sum())(x)
-    np.testing.assert_array_equal(jax.grad(lambda x: (_max_pool_3x3_s2(x) * w).sum())(x),
+    np.testing.assert_array_equal(jax.grad(lambda x: (max_pool_3x3_s2(x) * w).sum())(x),
                                   expected)
-    per_example = jax.vmap(jax.grad(lambda x, w: (_max_pool_3x3_s2(x[None])[0] * w).sum()))
+    per_example = jax.vmap(jax.grad(lambda x, w: (max_pool_3x3_s2(x[None])[0] * w).sum()))
     np.testing.assert_array_equal(per_example(x, w), expected)
 
 
@@ -98,23 +197,23 @@ def test_one_pass_pooling_equals_the_separable_one_bit_for_bit(shape, ties):
     # The GPU's form (all nine window elements at once) against the CPU's
     # (rows, then columns): the same maxima, the same choices among ties,
     # the same gradients to the last bit, with negative channel signs.
-    from eicl_cli.model.encoders import _signed_max_pool_2d, _signed_max_pool_separable
+    from eicl_cli.model.pooling import signed_max_pool_2d, signed_max_pool_separable
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, shape) if ties else rng.normal(size=shape)
     y = jnp.asarray(y.astype(np.float32))
     sign = jnp.asarray(np.where(rng.random(shape[-1]) > 0.5, 1.0, -1.0).astype(np.float32))
-    out = _signed_max_pool_separable(y, sign)
-    np.testing.assert_array_equal(_signed_max_pool_2d(y, sign), out)
+    out = signed_max_pool_separable(y, sign)
+    np.testing.assert_array_equal(signed_max_pool_2d(y, sign), out)
     w = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
     grads = [jax.grad(lambda y: (f(y, sign) * w).sum())(y)
-             for f in (_signed_max_pool_separable, _signed_max_pool_2d)]
+             for f in (signed_max_pool_separable, signed_max_pool_2d)]
     np.testing.assert_array_equal(grads[1], grads[0])
 
 
 def test_pooling_is_compiled_separable_for_a_cpu_and_in_one_pass_for_a_gpu():
-    from eicl_cli.model.encoders import _signed_max_pool
+    from eicl_cli.model.pooling import signed_max_pool
     x, sign = jnp.zeros((2, 53, 53, 4)), jnp.ones(4)
-    f = jax.jit(jax.grad(lambda x: (_signed_max_pool(x, sign) ** 2).sum()))
+    f = jax.jit(jax.grad(lambda x: (signed_max_pool(x, sign) ** 2).sum()))
     cpu = f.trace(x).lower(lowering_platforms=("cpu",)).as_text()
     gpu = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     # The separable form joins edge windows to the interior; the other pads.

@@ -88,8 +88,13 @@ def test_steps_per_call_follows_one_step_per_call_and_resumes_exactly(data_dir: 
     c3 = tensors(runs.checkpoint_path(tmp_path / "whole", 12))
     assert c1.keys() == c3.keys() and any(k.startswith("state.") for k in c1)
     for name in c1:
-        # The loop's body may round differently from the lone step.
-        np.testing.assert_allclose(c3[name], c1[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        # The loop's body may round differently from the lone step. The stem
+        # convolution's weights drift apart the most (1.1e-5 at step 12 here,
+        # in one channel; every other parameter within 1e-7): its gradient
+        # goes through the max pool's choice in each window, where the two
+        # roundings can decide a near-tie apart.
+        atol = 3e-5 if name == "params.encoder.initial_conv.weight" else 1e-6
+        np.testing.assert_allclose(c3[name], c1[name], rtol=1e-4, atol=atol, err_msg=name)
 
     # Stopped at step 6 and resumed: bit for bit the uninterrupted run.
     half = tiny(data_dir, *MODEL, *SGD, "run.steps=6", "train.steps_per_call=3")

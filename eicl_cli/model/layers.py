@@ -191,8 +191,17 @@ class BatchNorm(eqx.Module):
             return mean, var, state
         x32 = x.astype(jnp.float32)
         axes = tuple(range(x.ndim - 1))
-        mean = x32.mean(axes)
-        mean_sq = jnp.square(x32).mean(axes)
+        return self.statistics_from_moments(x32.mean(axes), jnp.square(x32).mean(axes), state,
+                                            inference=False)
+
+    def statistics_from_moments(self, mean: jax.Array | None, mean_sq: jax.Array | None,
+                                state: eqx.nn.State, *, inference: bool
+                                ) -> tuple[jax.Array, jax.Array, eqx.nn.State]:
+        """statistics() from this call's per-channel mean and mean square over
+        its local axes (None at inference, where the running averages serve)."""
+        if inference:
+            mean, var = self.running_averages(state)
+            return mean, var, state
         if self.axis_name is not None:
             # Every sequence holds the same number of images and pixels,
             # so the mean of the per-sequence means is the batch mean.
@@ -226,3 +235,13 @@ def dropout(key: jax.Array | None, rate: float, x: jax.Array) -> jax.Array:
         raise ValueError("dropout with rate > 0 needs a PRNG key")
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def same_out(size: int, stride: int) -> int:
+    return -(-size // stride)
+
+
+def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """XLA's SAME padding (the smaller half before) of one spatial axis."""
+    total = max((same_out(size, stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
