@@ -3,8 +3,9 @@
 lax.reduce_window's gradient (select-and-scatter) is ~15x slower on a CPU
 than these forms, which keep an int8 choice per window and build the
 gradient from it. Two forms of the same values and gradients: rows then
-columns through strided views (the CPU's), and all nine window elements at
-once (a GPU's, and the CPU's blocked stem, see stem_blocked).
+columns through strided views (the whole-map stem's on a CPU, where the
+blocked stem does not apply), and all nine window elements at once (a GPU's,
+and the blocked stem's, see stem_blocked).
 """
 
 from __future__ import annotations
