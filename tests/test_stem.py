@@ -18,10 +18,10 @@ from eicl_cli.model.encoders import (ConvEncoder, ResNetEncoder, _conv, _conv_ge
                                      _image_conv_gemm, _stem)
 
 
-def _reference_stem(conv, norm, images, state):
+def _reference_stem(conv, norm, images, state, inference=False):
     y = lax.conv_general_dilated(images[..., None], conv.weight, (2, 2), "SAME",
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y, state = norm(y, state, inference=False)
+    y, state = norm(y, state, inference=inference)
     return lax.reduce_window(jax.nn.relu(y), -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                              "SAME"), state
 
@@ -77,15 +77,8 @@ def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(form, c
     np.testing.assert_allclose(
         infer(lambda im, st: _stem(*params, im, st, inference=True, dtype=jnp.float32,
                                    form=form)),
-        infer(lambda im, st: _reference_stem_inference(*params, im, st)), rtol=1e-5, atol=1e-5)
-
-
-def _reference_stem_inference(conv, norm, images, state):
-    y = lax.conv_general_dilated(images[..., None], conv.weight, (2, 2), "SAME",
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y, state = norm(y, state, inference=True)
-    return lax.reduce_window(jax.nn.relu(y), -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                             "SAME"), state
+        infer(lambda im, st: _reference_stem(*params, im, st, inference=True)),
+        rtol=1e-5, atol=1e-5)
 
 
 def _scan_lengths(fn, *args) -> list[int]:
