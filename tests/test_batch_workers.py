@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,8 @@ from eicl_cli.data.batch_workers import BatchWorkers, worker_count
 from eicl_cli.data.dataset import load_dataset
 from eicl_cli.data.sequences import SequenceGenerator, train_fields
 from eicl_cli.errors import EiclError
-from train_support import TINY, interrupt_when, new_run_dirs, tensors, tiny
+from train_support import (interrupt_when, new_run_dirs, sweep_process, tensors, tiny,
+                           tiny_sweep_file)
 
 POINTS = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=1.0", "run.seed=1"),
           ("classes.zipf_exponent=1.0", "run.seed=2")]
@@ -114,22 +113,11 @@ def test_stacked_training_with_workers_equals_training_without(data_dir: Path, t
 def test_ctrl_c_on_a_stacked_sweep_with_workers_saves_and_resumes(data_dir: Path,
                                                                  tmp_path: Path):
     steps = 600
-    sweep_file = tmp_path / "s.toml"
-    sweep_file.write_text(f"""
-base = "{TINY.as_posix()}"
-seeds = [0, 1]
-[set]
-"run.steps" = {steps}
-"run.eval_every" = {steps}
-"run.checkpoint_every" = 10
-"train.draw_workers" = 2
-""")
+    sweep_file = tiny_sweep_file(tmp_path / "s.toml", {
+        "run.steps": steps, "run.eval_every": steps, "run.checkpoint_every": 10,
+        "train.draw_workers": 2})
     out = tmp_path / "sweep"
-    env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "eicl_cli.cli", "sweep", str(sweep_file), "--out", str(out),
-               "--stack", "2"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = sweep_process(sweep_file, out, data_dir, "--stack", "2")
     names: list[str] = []
 
     def checkpointed() -> bool:
@@ -147,8 +135,9 @@ seeds = [0, 1]
     assert reached[0] == reached[1] and 10 <= reached[0] < steps
     assert [e["draw_workers"] for e in runs.read_environment(out / names[0])] == [2]
 
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = sweep_process(sweep_file, out, data_dir, "--stack", "2")
+    output, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, output
     for n in names:
         assert sweep.is_finished(out / n, steps)
         logged = [r["step"] for r in runs.read_metrics(out / n, kind="train")]

@@ -6,9 +6,6 @@ by `eicl report` as a table and a plot."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +14,9 @@ from typer.testing import CliRunner
 
 from eicl_cli import runs, sweep
 from eicl_cli.cli import app
-from train_support import TINY, interrupt_when
+from train_support import interrupt_when, sweep_process, tiny_sweep_file
 
 STEPS = 400
-
-
-def _sweep_cli(sweep_file: Path, out: Path, data_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", "sweep", str(sweep_file),
-                             "--out", str(out), "--jobs", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _attempts(out: Path, name: str) -> list[str]:
@@ -36,22 +26,15 @@ def _attempts(out: Path, name: str) -> list[str]:
 
 @pytest.mark.slow
 def test_tiny_sweep_interrupt_restart_report(data_dir: Path, tmp_path: Path) -> None:
-    sweep_file = tmp_path / "tiny_sweep.toml"
-    sweep_file.write_text(f"""
-base = "{TINY.as_posix()}"
-seeds = [0, 1]
-[set]
-"run.steps" = {STEPS}
-"run.eval_every" = 100
-"run.checkpoint_every" = 10
-[grid]
-"sequences.p_bursty" = [0.0, 0.9]
-""")
+    sweep_file = tiny_sweep_file(
+        tmp_path / "tiny_sweep.toml",
+        {"run.steps": STEPS, "run.eval_every": 100, "run.checkpoint_every": 10},
+        {"sequences.p_bursty": [0.0, 0.9]})
     out = tmp_path / "sweep"
     names = [r.name for r in sweep.expand(sweep.load_sweep(sweep_file))]
     first, second = names[0], names[1]
 
-    proc = _sweep_cli(sweep_file, out, data_dir)
+    proc = sweep_process(sweep_file, out, data_dir, "--jobs", "1")
     # Ctrl+C once the first run is done and the second has saved a checkpoint.
     text = interrupt_when(proc, lambda: sweep.is_finished(out / first, STEPS)
                           and (sweep.run_progress(out / second) or 0) >= 10)
@@ -64,7 +47,7 @@ seeds = [0, 1]
     final_ckpt = runs.checkpoint_path(out / first, STEPS)
     stamp = final_ckpt.stat().st_mtime_ns
 
-    proc = _sweep_cli(sweep_file, out, data_dir)
+    proc = sweep_process(sweep_file, out, data_dir, "--jobs", "1")
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text
     assert all(s.state == "finished" for s in sweep.statuses(out)), text

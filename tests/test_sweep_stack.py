@@ -10,28 +10,18 @@ from typer.testing import CliRunner
 
 from eicl_cli import runs, sweep
 from eicl_cli.cli import app
-from train_support import TINY
+from train_support import tiny_sweep_file
 
 
-def _sweep_file(tmp_path: Path, steps: int, extra_zip: str = "") -> Path:
-    path = tmp_path / "s.toml"
-    path.write_text(f"""
-base = "{TINY.as_posix()}"
-seeds = [0, 1]
-[set]
-"run.steps" = {steps}
-"run.eval_every" = {steps}
-"run.log_every" = 1
-"run.checkpoint_every" = 3
-[grid]
-"sequences.p_bursty" = [0.0, 0.9]
-{extra_zip}
-""")
-    return path
+def _sweep_file(tmp_path: Path, steps: int, extra_grid: dict | None = None) -> Path:
+    sets = {"run.steps": steps, "run.eval_every": steps, "run.log_every": 1,
+            "run.checkpoint_every": 3}
+    return tiny_sweep_file(tmp_path / "s.toml", sets,
+                           {"sequences.p_bursty": [0.0, 0.9], **(extra_grid or {})})
 
 
 def test_plan_groups_runs_of_equal_shapes_up_to_k(tmp_path: Path, data_dir: Path):
-    spec = sweep.load_sweep(_sweep_file(tmp_path, 10, '"embedding.emb_dim" = [16, 32]'))
+    spec = sweep.load_sweep(_sweep_file(tmp_path, 10, {"embedding.emb_dim": [16, 32]}))
     sweep_runs = sweep.expand(spec, [f'data.data_dir="{data_dir}"'])
     assert len(sweep_runs) == 8
     manifest = sweep.manifest_dict(spec, sweep_runs)

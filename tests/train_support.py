@@ -70,6 +70,26 @@ def interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> str:
     return text
 
 
+def tiny_sweep_file(path: Path, sets: dict, grid: dict | None = None) -> Path:
+    """A sweep file over the tiny config: seeds 0 and 1, `sets` for every
+    run and `grid` axes, if any."""
+    import tomli_w
+    spec = {"base": TINY.as_posix(), "seeds": [0, 1], "set": sets}
+    if grid:
+        spec["grid"] = grid
+    path.write_text(tomli_w.dumps(spec))
+    return path
+
+
+def sweep_process(sweep_file: Path, out: Path, data_dir: Path, *args: str) -> subprocess.Popen:
+    """`eicl sweep SWEEP_FILE --out OUT ARGS` in a fresh process, its output
+    (stdout and stderr) one unbuffered text pipe."""
+    env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", "sweep", str(sweep_file),
+                             "--out", str(out), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def eicl(*args: str, data_dir: Path, env: dict | None = None, timeout: float = 300,
          **popen) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (stdout is a pipe: plain log lines)."""
