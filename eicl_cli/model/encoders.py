@@ -164,9 +164,9 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
 
     Two forms of the convolution, the pool and the map's moments, picked when
     the step is compiled (or named by `form`): "blocked" on a CPU, a few
-    images at a time in cache, the moments from the kernel taps' Gram matrix
-    (stem_blocked); "whole" elsewhere, the whole map at once, the moments
-    reduced from it."""
+    images at a time in cache, the moments summed block by block and their
+    gradients from the kernel taps' Gram matrix (stem_blocked); "whole"
+    elsewhere, the whole map at once, the moments reduced from it."""
     sign = lax.stop_gradient(jnp.where(norm.scale >= 0, 1.0, -1.0))
     need_stats = not inference
 

@@ -146,7 +146,10 @@ def _flat_rule(one, flat_call, per_image: int):
     return rule
 
 
-def _make_kernels(stride: int, stats: bool, kernel: tuple[int, int]):
+@functools.cache
+def _kernels(stride: int, stats: bool, kernel: tuple[int, int]):
+    """The forward and backward kernels (custom_vmap functions) of one stem
+    geometry, made once: their batching rules run the flat loops."""
     def forward_one(x, w, sign):
         out = _forward(x, w, sign, x.shape[0], stride, stats)
         return out[:2] + tuple(a[0] for a in out[2:])
@@ -169,11 +172,6 @@ def _make_kernels(stride: int, stats: bool, kernel: tuple[int, int]):
     backward = custom_vmap(backward_one)
     backward.def_vmap(_flat_rule(backward_one, backward_flat, 3))
     return forward, backward
-
-
-@functools.cache
-def _kernels(stride: int, stats: bool, kernel: tuple[int, int]):
-    return _make_kernels(stride, stats, kernel)
 
 
 def conv_pool(x: jax.Array, w: jax.Array, sign: jax.Array, stride: int, stats: bool
