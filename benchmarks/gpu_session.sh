@@ -29,8 +29,9 @@
 #                            bash benchmarks/gpu_session.sh B paper
 # Needs: the Omniglot cache in runs/data-cache (carry it) and, where tomli-w is
 # missing, its wheel in .whl/ (carry it too).
-# With the plan `stack`, only what stacking costs (about 6 minutes).
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh [seconds budget, default 540] [all|paper|stack]
+# With the plan `stack`, only what stacking costs (about 6 minutes); with
+# `pallas`, the stem's fused kernels checked and benched (about 7 minutes).
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh [seconds budget, default 540] [all|paper|stack|pallas]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -86,6 +87,8 @@ QUICK=$ROOT/configs/quickstart.toml
 # instead of a grouped convolution.
 GEMM="--set embedding.conv_impl=gemm"
 BF16="--set model.dtype=bfloat16"
+# The ResNet stem as two fused Pallas kernels that never write its map.
+PALLAS="--set embedding.stem_impl=pallas"
 # One training step per device call (the default is 10 on a GPU, where the
 # host's fixed price per call, 400+ buffers handed over and back and the
 # dispatch, is then paid once per ten steps).
@@ -121,6 +124,27 @@ if [ "$PLAN" = paper ]; then
     [ "$(left)" -ge 60 ] && bench "$ROOT" "$(cap 600)" -c "$PAPER" --steps 150 --stack 8 \
       $LOOPED >>"$OUT/bench.jsonl"
   fi
+  stamp done
+  exit 0
+fi
+
+if [ "$PLAN" = pallas ]; then
+  # The stem's fused Pallas kernels (embedding.stem_impl = "pallas") against
+  # XLA's whole-map stem: first whether they compile and agree on this GPU
+  # (values, gradients, statistics) and what the stem alone costs, alone and
+  # 8 stacked; then the paper config both ways, 8 stacked with the kernels
+  # (float32, then bfloat16), and 8 stacked without them if time is left.
+  # About 7 minutes on a fresh machine.
+  stamp stem check
+  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 100)" $PY benchmarks/stem_check.py \
+    --forms whole,fused --stack 1,8 >"$OUT/stem_check.jsonl" 2>>"$LOG"
+  cat "$OUT/stem_check.jsonl" >>"$LOG"
+  stamp bench pallas
+  bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 $PALLAS >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $PALLAS >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $PALLAS $BF16 >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 >>"$OUT/bench.jsonl"
   stamp done
   exit 0
 fi

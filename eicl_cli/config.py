@@ -42,6 +42,8 @@ SCHEDULES = ("rsqrt", "constant", "cosine")
 # dense: the paper's head; tied: logits through the label table; both: their sum.
 LABEL_HEADS = ("dense", "tied", "both")
 CONV_IMPLS = ("xla", "gemm")
+# auto: blocked on a CPU, whole-map elsewhere; pallas: the fused kernels on a GPU.
+STEM_IMPLS = ("auto", "pallas")
 DTYPES = ("float32", "bfloat16")
 
 # Omniglot class counts per split, before exemplar and augmentation changes.
@@ -120,6 +122,10 @@ class EmbeddingConfig:
     # How k x k convolutions are computed: xla (XLA's convolution) | gemm (one
     # matrix product over the shifted windows). Same model; step time differs.
     conv_impl: str = "xla"
+    # How the ResNet's stem (7 x 7 convolution, batch-norm moments, max pool)
+    # runs on a GPU: auto (XLA, the whole map in memory) | pallas (two fused
+    # Triton kernels that never write the map). Same model; step time differs.
+    stem_impl: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -493,6 +499,7 @@ def validate(cfg: Config) -> None:
     _choice("embedding.example_encoder", e.example_encoder, ENCODERS)
     _choice("embedding.label_head", e.label_head, LABEL_HEADS)
     _choice("embedding.conv_impl", e.conv_impl, CONV_IMPLS)
+    _choice("embedding.stem_impl", e.stem_impl, STEM_IMPLS)
     if e.emb_dim < 2 or e.emb_dim % 2:
         raise ConfigError(f"embedding.emb_dim = {e.emb_dim} must be even and >= 2 "
                           "(sinusoidal positional encodings pair sines and cosines)")

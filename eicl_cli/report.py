@@ -31,7 +31,8 @@ METRICS = ("accuracy_query", "accuracy_closed")
 _NOT_SWEPT = {"run.name", "run.out_dir", "data.cache_file", "data.cache_sha256",
               "data.data_dir", "run.seed",
               # how the step is compiled and called, not what it computes
-              "transformer.unroll", "embedding.conv_impl", "train.steps_per_call",
+              "transformer.unroll", "embedding.conv_impl", "embedding.stem_impl",
+              "train.steps_per_call",
               "train.draw_workers"}
 
 

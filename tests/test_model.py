@@ -596,3 +596,25 @@ def test_gemm_convolutions_are_the_same_model(encoder):
 def test_unknown_conv_impl_is_refused():
     with pytest.raises(config.ConfigError, match="embedding.conv_impl = 'cudnn'.*xla, gemm"):
         tiny_cfg("resnet", embedding={"conv_impl": "cudnn"})
+    with pytest.raises(config.ConfigError, match="embedding.stem_impl = 'triton'.*auto, pallas"):
+        tiny_cfg("resnet", embedding={"stem_impl": "triton"})
+
+
+def test_stem_impl_pallas_is_the_same_model_off_a_gpu():
+    """embedding.stem_impl = "pallas" changes only what a CUDA GPU compiles:
+    the same parameters and, on this machine, the same step to the bit."""
+    auto, pallas = tiny_cfg("resnet"), tiny_cfg("resnet", embedding={"stem_impl": "pallas"})
+    m1, s1 = build_model(auto, jax.random.PRNGKey(0), IMAGE)
+    m2, s2 = build_model(pallas, jax.random.PRNGKey(0), IMAGE)
+    assert m2.encoder.stem_impl == "pallas"
+    examples, labels = tiny_inputs(auto)
+
+    def loss(model, state):
+        logits, new_state = forward_batch(model, state, examples, labels, key=None,
+                                          inference=False)
+        return jnp.mean(logits ** 2), new_state
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+    for a, b in zip(jax.tree_util.tree_leaves(grad(m1, s1)),
+                    jax.tree_util.tree_leaves(grad(m2, s2)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

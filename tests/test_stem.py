@@ -36,8 +36,8 @@ def _loss(stem_fn):
     return loss
 
 
-def _stem_with_negative_scales(seed: int = 1):
-    enc = ResNetEncoder((1,), (16,), jax.random.key(seed))
+def _stem_with_negative_scales(seed: int = 1, stem_impl: str = "auto"):
+    enc = ResNetEncoder((1,), (16,), jax.random.key(seed), stem_impl=stem_impl)
     # Some channels with a negative batch-norm scale: their max pool becomes a min.
     return eqx.tree_at(lambda e: e.initial_norm.scale, enc,
                        enc.initial_norm.scale.at[:5].set(-0.7))
@@ -50,7 +50,7 @@ STEM_CASES = [(2, 3, 105, "binary"), (2, 4, 105, "binary"), (3, 3, 28, "binary")
               (2, 3, 105, "noisy")]
 
 
-@pytest.mark.parametrize("form", ["blocked", "whole"])
+@pytest.mark.parametrize("form", ["blocked", "whole", "fused"])
 @pytest.mark.parametrize("case", STEM_CASES)
 def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(form, case):
     batch, length, size, pixels = case
@@ -144,6 +144,50 @@ def test_stem_is_compiled_blocked_for_a_cpu_and_whole_for_a_gpu():
     gpu = f.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.while" in cpu and "stablehlo.convolution" not in cpu
     assert "stablehlo.while" not in gpu and "stablehlo.convolution" in gpu
+    assert "triton" not in gpu
+
+
+def test_stem_impl_pallas_compiles_the_fused_kernels_for_a_gpu_only():
+    enc = _stem_with_negative_scales(stem_impl="pallas")
+    params, static = eqx.partition(enc, eqx.is_inexact_array)
+    images = jnp.zeros((2, 3, 105, 105))
+
+    def loss(p, im):
+        e = eqx.combine(p, static)
+        out, _ = jax.vmap(lambda x: e(x, eqx.nn.State(e), inference=False), axis_name="batch",
+                          out_axes=(0, None))(im)
+        return out.sum()
+
+    f = jax.jit(jax.grad(loss))
+    cpu = f.trace(params, images).lower(lowering_platforms=("cpu",)).as_text()
+    gpu = f.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
+    # The forward and backward kernels, as Triton calls; no map-sized convolution.
+    assert gpu.count("__gpu$xla.gpu.triton") == 2
+    assert "stem_forward" in gpu and "stem_backward" in gpu
+    assert "1x105x105x1" not in gpu and "stablehlo.while" in cpu and "triton" not in cpu
+
+
+def test_fused_stem_with_stacked_weights_gives_each_run_its_own_gradient():
+    # `sweep --stack`: the runs' weights and images batched together become
+    # one more grid axis of the kernels, each run its own values and gradients.
+    from eicl_cli.model import stem_blocked, stem_fused
+    rng = np.random.default_rng(3)
+    images = jnp.asarray((rng.random((2, 3, 21, 21)) > 0.5).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(2, 7, 7, 1, 64)).astype(np.float32))
+    sign = jnp.asarray(np.where(rng.random(64) > 0.5, 1.0, -1.0).astype(np.float32))
+
+    def loss(module, **kw):
+        def f(w, images):
+            pooled, mean, mean_sq = module.pool_and_moments(images, w, sign, 2, True, **kw)
+            return (jnp.sin(pooled)).sum() + (mean * mean_sq).sum()
+        return jax.value_and_grad(f)
+
+    stacked = jax.vmap(loss(stem_fused, interpret=True))(w, images)
+    for run in range(2):
+        value, grad = loss(stem_blocked)(w[run], images[run])
+        np.testing.assert_allclose(stacked[0][run], value, rtol=1e-5)
+        np.testing.assert_allclose(stacked[1][run], grad, rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(grad).max()))
 
 
 def test_first_conv_of_the_conv_encoder_gets_the_same_weight_gradient():
@@ -264,3 +308,24 @@ def test_stacked_gemm_convolution_is_a_batched_matmul_not_a_grouped_convolution(
     text = jax.jit(grad(_conv_gemm)).lower(kernels, x).as_text()
     assert "convolution" not in text and "dot_general" in text
     assert "feature_group_count = 4" in jax.jit(grad(_conv)).lower(kernels, x).as_text()
+
+
+def test_stem_check_script_compares_the_forms(tmp_path):
+    # benchmarks/stem_check.py is what a GPU session runs first: here with
+    # the CPU's form against the interpreted kernels, small.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "stem_check.py"), "--forms", "blocked,fused",
+         "--batch", "2", "--length", "3", "--size", "21", "--stack", "1,2", "--iters", "1",
+         "--noise", "0.1"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(x["form"], x["stack"]) for x in lines] == [
+        ("blocked", 1), ("fused", 1), ("blocked", 2), ("fused", 2)]
+    assert all("error" not in x and x["ms_per_pass"] > 0 for x in lines)
+    assert max(lines[1]["max_rel_diff"].values()) < 1e-5

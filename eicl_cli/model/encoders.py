@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..config import CONV_IMPLS
+from ..config import CONV_IMPLS, STEM_IMPLS
 from ..errors import EiclError
-from . import stem_blocked
+from . import stem_blocked, stem_fused
 from .layers import (BatchNorm, Dense, fan_in_init, same_out, same_pads, split, truncated_normal,
                      zeros)
 from .pooling import signed_max_pool
@@ -152,7 +152,8 @@ _image_conv_gemm.defvjp(_image_conv_gemm_fwd, _image_conv_gemm_bwd)
 
 
 def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.State, *,
-          inference: bool, dtype, form: str | None = None) -> tuple[jax.Array, eqx.nn.State]:
+          inference: bool, dtype, form: str | None = None, gpu_kernels: bool = False
+          ) -> tuple[jax.Array, eqx.nn.State]:
     """max_pool(relu(batch_norm(conv(images)))), with the pool taken first.
 
     Batch norm is a per-channel affine map a * y + b and ReLU is monotone, so
@@ -162,11 +163,13 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
     a quarter of the pixels. The statistics still come from the full map.
     sign(a) is the sign of batch norm's scale, known before the statistics.
 
-    Two forms of the convolution, the pool and the map's moments, picked when
-    the step is compiled (or named by `form`): "blocked" on a CPU, a few
+    Three forms of the convolution, the pool and the map's moments, picked
+    when the step is compiled (or named by `form`): "blocked" on a CPU, a few
     images at a time in cache, the moments summed block by block and their
-    gradients from the kernel taps' Gram matrix (stem_blocked); "whole"
-    elsewhere, the whole map at once, the moments reduced from it."""
+    gradients from the kernel taps' Gram matrix (stem_blocked); "fused" on a
+    CUDA GPU with `gpu_kernels`, two Pallas kernels that never write the map
+    (stem_fused; named off a GPU, Pallas interprets them); "whole" elsewhere,
+    the whole map at once, the moments reduced from it."""
     sign = lax.stop_gradient(jnp.where(norm.scale >= 0, 1.0, -1.0))
     need_stats = not inference
 
@@ -181,14 +184,23 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
     def blocked(images, weight, sign):
         return stem_blocked.pool_and_moments(images, weight, sign, conv.stride, need_stats)
 
-    forms = {"whole": whole, "blocked": blocked}
+    def fused(images, weight, sign, interpret=False):
+        return stem_fused.pool_and_moments(images, weight, sign, conv.stride, need_stats,
+                                           interpret=interpret)
+
+    def fused_anywhere(*args):
+        return lax.platform_dependent(*args, cuda=fused,
+                                      default=functools.partial(fused, interpret=True))
+
+    forms = {"whole": whole, "blocked": blocked, "fused": fused_anywhere}
     if form is not None:
         pooled, mean, mean_sq = forms[form](images, conv.weight, sign)
     else:
-        # The blocked form computes in float32; the whole one in `dtype`.
-        cpu = blocked if jnp.dtype(dtype) == jnp.float32 and conv.bias is None else whole
-        pooled, mean, mean_sq = lax.platform_dependent(images, conv.weight, sign, cpu=cpu,
-                                                       default=whole)
+        # The blocked and fused forms compute in float32; the whole one in `dtype`.
+        f32 = jnp.dtype(dtype) == jnp.float32 and conv.bias is None
+        gpu = fused if gpu_kernels and conv.bias is None else whole
+        pooled, mean, mean_sq = lax.platform_dependent(
+            images, conv.weight, sign, cpu=blocked if f32 else whole, cuda=gpu, default=whole)
     mean, var, state = norm.statistics_from_moments(mean, mean_sq, state, inference=inference)
     a = norm.multiplier(var)
     out = (pooled - sign * mean) * (a * sign) + norm.offset
@@ -235,11 +247,12 @@ class ResNetEncoder(eqx.Module):
     initial_norm: BatchNorm
     blocks: tuple[BottleneckBlock, ...]
     flatten_superpixels: bool = eqx.field(static=True)
+    stem_impl: str = eqx.field(static=True)
 
     def __init__(self, blocks_per_group: Sequence[int], channels_per_group: Sequence[int],
                  key: jax.Array, *, flatten_superpixels: bool = False,
                  axis_name: Hashable | None = "batch", strides: Sequence[int] = (1, 2, 2, 2),
-                 gemm: bool = False):
+                 gemm: bool = False, stem_impl: str = "auto"):
         keys = split(key, 1 + sum(blocks_per_group))
         self.initial_conv = Conv2D(1, 64, 7, 2, keys[0], reads_images=True, gemm=gemm)
         self.initial_norm = BatchNorm(64, axis_name=axis_name)
@@ -251,10 +264,11 @@ class ResNetEncoder(eqx.Module):
                 n_in, k = channels, k + 1
         self.blocks = tuple(blocks)
         self.flatten_superpixels = flatten_superpixels
+        self.stem_impl = stem_impl
 
     def __call__(self, images, state, *, inference: bool, dtype=jnp.float32):
         x, state = _stem(self.initial_conv, self.initial_norm, images, state,
-                         inference=inference, dtype=dtype)
+                         inference=inference, dtype=dtype, gpu_kernels=self.stem_impl == "pallas")
         for block in self.blocks:
             x, state = block(x, state, inference=inference, dtype=dtype)
         if self.flatten_superpixels:
@@ -330,12 +344,16 @@ def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | Non
                   channels_per_group: Sequence[int] = (16, 32, 32),
                   conv_channels: Sequence[int] = (32, 32, 32),
                   flatten_superpixels: bool = False, symbolic_vocab: int = 0,
-                  axis_name: Hashable | None = "batch", conv_impl: str = "xla") -> Encoder:
+                  axis_name: Hashable | None = "batch", conv_impl: str = "xla",
+                  stem_impl: str = "auto") -> Encoder:
     """The example encoder named `name`, producing emb_dim features per item.
-    conv_impl: "xla" (XLA's convolution) or "gemm" (see Conv2D)."""
-    if conv_impl not in CONV_IMPLS:
-        raise EiclError(f"embedding.conv_impl = {conv_impl!r} is not allowed; "
-                        f"choose one of: {', '.join(CONV_IMPLS)}")
+    conv_impl: "xla" (XLA's convolution) or "gemm" (see Conv2D); stem_impl:
+    "auto" or "pallas" (the ResNet stem's fused GPU kernels, see _stem)."""
+    for knob, value, allowed in (("conv_impl", conv_impl, CONV_IMPLS),
+                                 ("stem_impl", stem_impl, STEM_IMPLS)):
+        if value not in allowed:
+            raise EiclError(f"embedding.{knob} = {value!r} is not allowed; "
+                            f"choose one of: {', '.join(allowed)}")
     gemm = conv_impl == "gemm"
     if name == "embedding":
         if image_shape is not None:
@@ -367,7 +385,7 @@ def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | Non
                 "each bottleneck block narrows to channels / 4")
         return ResNetEncoder(blocks_per_group, channels, key,
                              flatten_superpixels=flatten_superpixels, axis_name=axis_name,
-                             gemm=gemm)
+                             gemm=gemm, stem_impl=stem_impl)
     if name == "linear":
         return LinearEncoder(math.prod(image_shape), emb_dim, key)
     if name == "conv":

@@ -126,7 +126,7 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
         blocks_per_group=e.resnet_blocks_per_group,
         channels_per_group=e.resnet_channels_per_group, conv_channels=e.conv_channels,
         flatten_superpixels=e.flatten_superpixels, symbolic_vocab=cfg.data.symbolic_classes,
-        axis_name=BATCH_AXIS, conv_impl=e.conv_impl)
+        axis_name=BATCH_AXIS, conv_impl=e.conv_impl, stem_impl=e.stem_impl)
     tokenizer = Tokenizer(num_classes, e.emb_dim, k_lab,
                           concatenate_labels=e.concatenate_labels,
                           use_positional_encodings=e.use_positional_encodings,

@@ -22,7 +22,7 @@ def _slice(a: jax.Array, start: int, stop: int, axis: int, step: int = 1) -> jax
     return lax.slice_in_dim(a, start, stop, step, axis)
 
 
-def _rule3(n: int):
+def rule3(n: int):
     """The choice among a window's three elements (a, b, c) along an axis of
     n elements (0/1/2): ties to the middle one for odd n, to the first for
     even n. The rule of both pooling forms."""
@@ -52,7 +52,7 @@ def _max3_choice(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
             a, b, c = _slice(odd, 0, m - 2, axis), _slice(even, 1, m - 1, axis), \
                 _slice(odd, 1, m - 1, axis)
             pieces.append((jnp.maximum(jnp.maximum(b, a), c),
-                           _rule3(n)(a, b, c)))
+                           rule3(n)(a, b, c)))
         el, ol = _slice(even, m - 1, m, axis), _slice(odd, m - 2, m - 1, axis)
         pieces.append((jnp.maximum(el, ol), jnp.where(el >= ol, 1, 0)))
     else:  # even size: windows (x[2i], x[2i+1], x[2i+2]), the last one (x[n-2], x[n-1])
@@ -60,7 +60,7 @@ def _max3_choice(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
             a, b, c = _slice(even, 0, m - 1, axis), _slice(odd, 0, m - 1, axis), \
                 _slice(even, 1, m, axis)
             pieces.append((jnp.maximum(jnp.maximum(a, b), c),
-                           _rule3(n)(a, b, c)))
+                           rule3(n)(a, b, c)))
         el, ol = _slice(even, m - 1, m, axis), _slice(odd, m - 1, m, axis)
         pieces.append((jnp.maximum(el, ol), jnp.where(el >= ol, 0, 1)))
     out = jnp.concatenate([v for v, _ in pieces], axis=axis)
@@ -170,14 +170,14 @@ def _pad_axes(x: jax.Array, pads: dict[int, tuple[int, int]], value: float = 0.0
 def max_pool_choice_2d(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The 3 x 3 stride-2 SAME max pool of NHWC `x` and the window element
     holding each maximum, int8 3a + b for row a and column b of the window,
-    with _max3_choice's choices (_rule3): each column's best row first, then
+    with _max3_choice's choices (rule3): each column's best row first, then
     the best of those columns. The -inf padding puts the edge windows under the
     interior's rule (one -inf in front along an axis of odd size), which
     makes the same choices as _max3_choice's edge cases."""
     (h, w), (mh, mw) = x.shape[1:3], (same_out(x.shape[1], 2), same_out(x.shape[2], 2))
     xp = _pad_axes(x, {1: (h % 2, 2 * mh + 1 - h - h % 2), 2: (w % 2, 2 * mw + 1 - w - w % 2)},
                    -jnp.inf)
-    rule_h, rule_w = _rule3(h), _rule3(w)
+    rule_h, rule_w = rule3(h), rule3(w)
     best, row_of = [], []  # per window column b: the best row's value and index
     for b in range(3):
         col = _slice(xp, b, b + 2 * mw - 1, 2, 2)
