@@ -136,8 +136,9 @@ if [ "$PLAN" = pallas ]; then
   # (float32, then bfloat16), and 8 stacked without them if time is left.
   # About 7 minutes on a fresh machine.
   stamp stem check
-  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 100)" $PY benchmarks/stem_check.py \
-    --forms whole,fused --stack 1,8 >"$OUT/stem_check.jsonl" 2>>"$LOG"
+  # (and two other tilings of the kernels, to pick the default from)
+  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 120)" $PY benchmarks/stem_check.py \
+    --forms whole,fused --fused-tiles 64x2,32x4 --stack 1,8 >"$OUT/stem_check.jsonl" 2>>"$LOG"
   cat "$OUT/stem_check.jsonl" >>"$LOG"
   stamp bench pallas
   bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"

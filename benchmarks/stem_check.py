@@ -4,14 +4,16 @@ forward + backward pass of each, alone and stacked (vmap over runs, as
 `sweep --stack`). One JSON line per form and stack.
 
     python benchmarks/stem_check.py [--forms whole,fused] [--batch 32] [--length 9]
-        [--size 105] [--stack 1,8] [--iters 20] [--noise 0.0]
+        [--size 105] [--stack 1,8] [--iters 20] [--noise 0.0] [--fused-tiles 32x2,64x2]
 
 On a GPU, "fused" is the Pallas kernels of `embedding.stem_impl = "pallas"`
 (off a GPU Pallas interprets them: slow, for checking only) and "whole" the
 XLA form a GPU runs by default; "blocked" is the CPU's form. The images are
 random binary ones (Omniglot's pixels are 0/1), plus Gaussian noise of
 `--noise`. Differences are relative to the largest magnitude of the first
-form's array (max |a - b| / max |b|).
+form's array (max |a - b| / max |b|). `--fused-tiles` runs the fused form
+once per TILE x BACKWARD_SPLITS of model/stem_fused.py (pooled positions per
+program, programs per image in the backward pass), named "fused:TxS".
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def _step(form: str, new_state):
     return eqx.filter_value_and_grad(loss, has_aux=True)
 
 
+def _set_tiles(form: str) -> str:
+    """The stem form to run for `form`, with "fused:TxS" setting the fused
+    kernels' tile and backward splits (read when a step is traced)."""
+    from eicl_cli.model import stem_fused
+    defaults = _set_tiles.__dict__.setdefault("defaults", (stem_fused.TILE,
+                                                           stem_fused.BACKWARD_SPLITS))
+    tile, splits = defaults
+    if form.startswith("fused:"):
+        tile, splits = (int(v) for v in form.split(":")[1].split("x"))
+        form = "fused"
+    stem_fused.TILE, stem_fused.BACKWARD_SPLITS = tile, splits
+    return form
+
+
 def _arrays(result) -> dict[str, jax.Array]:
     (value, (out, new_state)), grads = result
     conv_grad, norm_grad = grads
@@ -71,8 +87,10 @@ def main() -> None:
     parser.add_argument("--stack", default="1,8")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--noise", type=float, default=0.0)
+    parser.add_argument("--fused-tiles", default="",
+                        help="TILExSPLITS,... for extra runs of the fused form")
     args = parser.parse_args()
-    forms = args.forms.split(",")
+    forms = args.forms.split(",") + [f"fused:{v}" for v in args.fused_tiles.split(",") if v]
     rng = np.random.default_rng(0)
     shape = (args.batch, args.length, args.size, args.size)
     images = (rng.random(shape) > 0.7).astype(np.float32)
@@ -84,7 +102,7 @@ def main() -> None:
     reference = None
     for k in (int(s) for s in args.stack.split(",")):
         for form in forms:
-            step = _step(form, new_state)
+            step = _step(_set_tiles(form), new_state)
             if k == 1:
                 fn, inputs = eqx.filter_jit(step), (params, images)
             else:
