@@ -52,9 +52,11 @@ BACKWARD_SPLITS = 2
 
 @dataclass(frozen=True)
 class Geometry:
-    """Static shapes of one image's stem: the image (h, w), the kernel, the
-    map (oh, ow) and pooled map (mh, mw), the convolution's SAME offsets
-    (top, left) and the pool's (first window row/column, -1 for odd sizes)."""
+    """Static shapes of one image's stem: the image (h, w), the kernel
+    (kh, kw) and stride; derived, the map (oh, ow), the pooled map (mh, mw),
+    the taps padded to a power of two and the tiles of pooled positions.
+    Pooled row i's window starts at map row 2i - 1 for an odd oh (the -inf
+    padding goes in front), 2i for an even one; columns alike."""
 
     h: int
     w: int
