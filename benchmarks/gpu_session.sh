@@ -30,7 +30,7 @@
 # Needs: the Omniglot cache in runs/data-cache (carry it) and, where tomli-w is
 # missing, its wheel in .whl/ (carry it too).
 # With the plan `stack`, only what stacking costs (about 6 minutes); with
-# `pallas`, the stem's fused kernels checked and benched (about 7 minutes).
+# `pallas`, the stem's fused kernels checked and benched (7-10 minutes).
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh [seconds budget, default 540] [all|paper|stack|pallas]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -134,16 +134,18 @@ if [ "$PLAN" = pallas ]; then
   # (values, gradients, statistics) and what the stem alone costs, alone and
   # 8 stacked; then the paper config both ways, 8 stacked with the kernels
   # (float32, then bfloat16), and 8 stacked without them if time is left.
-  # About 7 minutes on a fresh machine.
+  # 7-10 minutes on a fresh machine; a smaller budget cuts the last benches.
   stamp stem check
   # (and two other tilings of the kernels, to pick the default from)
   PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 120)" $PY benchmarks/stem_check.py \
     --forms whole,fused --fused-tiles 64x2,32x4 --stack 1,8 >"$OUT/stem_check.jsonl" 2>>"$LOG"
   cat "$OUT/stem_check.jsonl" >>"$LOG"
   stamp bench pallas
-  bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
+  # The issue's pair first (one run and 8 stacked, with the kernels), then
+  # one run without them (A/B), bfloat16, and 8 stacked without them.
   bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 $PALLAS >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $PALLAS >>"$OUT/bench.jsonl"
+  bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $PALLAS $BF16 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 >>"$OUT/bench.jsonl"
   stamp done
