@@ -293,6 +293,18 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, live: bool | None
         return _train(cfg, run_dir, resume=resume, live=live, dataset=dataset, writer=writer)
 
 
+def check_stem_impl(cfg: Config, n_devices: int, backend: str) -> None:
+    """Refuse the stem's Pallas kernels on a data mesh of GPUs: XLA cannot
+    split a kernel's batch over devices the way it splits its own ops, and
+    that has not been tried on a GPU."""
+    e = cfg.embedding
+    if (e.example_encoder == "resnet" and e.stem_impl == "pallas" and n_devices > 1
+            and backend == "gpu"):
+        raise EiclError(f"embedding.stem_impl = 'pallas' runs on one GPU per run, not split "
+                        f"over {n_devices} devices; use 'auto' here (or one GPU per run, "
+                        "e.g. CUDA_VISIBLE_DEVICES=0)")
+
+
 def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
            dataset: Any, writer: bool) -> Outcome:
     from .data.dataset import load_dataset
@@ -340,6 +352,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     # One device: as is. Several (or several hosts): batch split over a data
     # mesh, everything else replicated (parallel.py).
     place = parallel.Placement.for_batch(cfg.train.batch_size)
+    check_stem_impl(cfg, place.n_devices, jax.default_backend())
     consts, model, state, opt_state = place.replicate(
         ((data, masks, step_key), model, state, opt_state))
     data = consts[0]

@@ -195,3 +195,14 @@ def test_distributed_outside_a_cluster_is_one_line(data_dir: Path, tmp_path: Pat
     assert len(lines) == 1 and lines[0].startswith(
         "error: could not join the multi-host run from the cluster environment"), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_stem_kernels_are_refused_on_a_mesh_of_gpus():
+    from eicl_cli import config
+    from eicl_cli.train import check_stem_impl
+    pallas = config.from_dict(config.apply_overrides({}, ['embedding.stem_impl="pallas"']))
+    with pytest.raises(EiclError, match="stem_impl = 'pallas' runs on one GPU per run.*2 dev"):
+        check_stem_impl(pallas, 2, "gpu")
+    check_stem_impl(pallas, 1, "gpu")  # one GPU per run
+    check_stem_impl(pallas, 2, "cpu")  # a CPU runs the blocked stem
+    check_stem_impl(config.from_dict({}), 2, "gpu")
