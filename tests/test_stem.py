@@ -165,6 +165,11 @@ def test_stem_impl_pallas_compiles_the_fused_kernels_for_a_gpu_only():
     assert gpu.count("__gpu$xla.gpu.triton") == 2
     assert "stem_forward" in gpu and "stem_backward" in gpu
     assert "1x105x105x1" not in gpu and "stablehlo.while" in cpu and "triton" not in cpu
+    # Evaluation: the forward kernel alone, without the moments.
+    infer = jax.jit(lambda p, im: jax.vmap(
+        lambda x: eqx.combine(p, static)(x, eqx.nn.State(enc), inference=True)[0])(im))
+    gpu = infer.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
+    assert gpu.count("__gpu$xla.gpu.triton") == 1 and "stem_forward" in gpu
 
 
 def test_fused_stem_with_stacked_weights_gives_each_run_its_own_gradient():
