@@ -198,9 +198,10 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
     else:
         # The blocked and fused forms compute in float32; the whole one in `dtype`.
         f32 = jnp.dtype(dtype) == jnp.float32 and conv.bias is None
-        gpu = fused if gpu_kernels and conv.bias is None else whole
-        pooled, mean, mean_sq = lax.platform_dependent(
-            images, conv.weight, sign, cpu=blocked if f32 else whole, cuda=gpu, default=whole)
+        branches = {"cpu": blocked if f32 else whole, "default": whole}
+        if gpu_kernels and conv.bias is None:
+            branches["cuda"] = fused
+        pooled, mean, mean_sq = lax.platform_dependent(images, conv.weight, sign, **branches)
     mean, var, state = norm.statistics_from_moments(mean, mean_sq, state, inference=inference)
     a = norm.multiplier(var)
     out = (pooled - sign * mean) * (a * sign) + norm.offset

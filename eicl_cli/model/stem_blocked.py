@@ -123,13 +123,8 @@ def _backward(x: jax.Array, code: jax.Array, g: jax.Array, kernel: tuple[int, in
     def step(_, blocks):
         xb, cb, gb = blocks
         dy = max_pool_bwd_2d(cb, gb, oh, ow).reshape(-1, c)
-        # Tap-major, the gather's natural order: pixel-major taps here were
-        # a fused gather and transpose, and the paper model's pass took 9%
-        # longer (805 and 747 against 728 and 674 ms, alternated). The
-        # forward keeps pixel-major taps: tap-major there changed which GEMM
-        # XLA picks and how the K-step loop rounds against lone steps.
-        taps = tap_gather(xb, kh, kw, stride, taps_last=False).reshape(kh * kw, -1)
-        return None, lax.dot_general(taps, dy, (((1,), (0,)), ((), ())))
+        taps = tap_gather(xb, kh, kw, stride, taps_last=True).reshape(-1, kh * kw)
+        return None, lax.dot_general(taps, dy, (((0,), (0,)), ((), ())))
 
     _, dw = lax.scan(step, None, (_blocks(x, block), _blocks(code, block), _blocks(g, block)))
     return dw.reshape(n // group, group // block, kh, kw, 1, c).sum(1)
