@@ -209,12 +209,16 @@ _conv_pool.defvjp(_conv_pool_fwd, _conv_pool_bwd)
 
 
 def pool_and_moments(images: jax.Array, w: jax.Array, sign: jax.Array, stride: int,
-                     stats: bool) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+                     stats: bool, conv=None
+                     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(pooled, mean, mean square): the signed max pool of the convolution
     of one sequence's images (L, H, W) with w (kh, kw, 1, C), and with
     `stats` the map's per-channel mean and mean square over the L images
-    (None without), all in float32."""
-    out = conv_pool(images.astype(jnp.float32), w.astype(jnp.float32), sign, stride, stats)
+    (None without), all in float32. `conv`: the conv_pool to run (this
+    module's by default; stem_fused passes its kernels')."""
+    conv = conv_pool if conv is None else conv
+    out = conv(images.astype(jnp.float32), w.astype(jnp.float32), sign.astype(jnp.float32),
+               stride, stats)
     if not stats:
         return out[0], None, None
     pixels = images.shape[0] * same_out(images.shape[1], stride) * same_out(images.shape[2], stride)

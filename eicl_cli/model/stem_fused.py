@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import stem_blocked
 from .layers import same_out, same_pads
 from .pooling import rule3
 
@@ -182,10 +183,19 @@ def _precision() -> lax.Precision | None:
     return lax.Precision.HIGHEST if wanted in ("highest", "float32", "F32_F32_F32") else None
 
 
+def _whole(*shape: int) -> pl.BlockSpec:
+    """The same whole (small) array for every program of a (image, tile) grid."""
+    return pl.BlockSpec(shape, lambda i, t: (0,) * len(shape))
+
+
+def _per_image(*shape: int) -> pl.BlockSpec:
+    """Program (i, t)'s image's slice of an array with a leading image axis."""
+    return pl.BlockSpec((None, *shape), lambda i, t: (i,) + (0,) * len(shape))
+
+
 def _forward(x, wm, sign, g: Geometry, stats: bool, interpret: bool):
     n, c = x.shape[0], wm.shape[1]
     rows = g.tiles * TILE
-    whole = lambda *shape: pl.BlockSpec(shape, lambda i, t: (0,) * len(shape))  # noqa: E731
     out_shape = [jax.ShapeDtypeStruct((n, rows, c), jnp.float32),
                  jax.ShapeDtypeStruct((n, rows, c), jnp.int8)]
     out_specs = [pl.BlockSpec((None, TILE, c), lambda i, t: (i, t, 0))] * 2
@@ -194,8 +204,7 @@ def _forward(x, wm, sign, g: Geometry, stats: bool, interpret: bool):
         out_specs += [pl.BlockSpec((None, None, c), lambda i, t: (i, t, 0))] * 2
     return pl.pallas_call(
         functools.partial(_forward_kernel, g=g, precision=_precision()), grid=(n, g.tiles),
-        in_specs=[pl.BlockSpec((None, g.h, g.w), lambda i, t: (i, 0, 0)),
-                  whole(g.taps, c), whole(1, c)],
+        in_specs=[_per_image(g.h, g.w), _whole(g.taps, c), _whole(1, c)],
         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
         compiler_params=_PARAMS, name="stem_forward",
     )(x, wm, sign.reshape(1, c))
@@ -203,13 +212,10 @@ def _forward(x, wm, sign, g: Geometry, stats: bool, interpret: bool):
 
 def _backward(x, wm, code, grad, moments, g: Geometry, interpret: bool):
     n, c = x.shape[0], wm.shape[1]
-    rows = g.tiles * TILE
-    whole = lambda *shape: pl.BlockSpec(shape, lambda i, s: (0,) * len(shape))  # noqa: E731
-    per_image = lambda rows: pl.BlockSpec((None, rows, c), lambda i, s: (i, 0, 0))  # noqa: E731
     return pl.pallas_call(
         functools.partial(_backward_kernel, g=g, precision=_precision()), grid=(n, BACKWARD_SPLITS),
-        in_specs=[pl.BlockSpec((None, g.h, g.w), lambda i, s: (i, 0, 0)), whole(g.taps, c),
-                  per_image(rows), per_image(g.mh * g.mw)] + [whole(1, c)] * len(moments),
+        in_specs=[_per_image(g.h, g.w), _whole(g.taps, c), _per_image(g.tiles * TILE, c),
+                  _per_image(g.mh * g.mw, c)] + [_whole(1, c)] * len(moments),
         out_specs=pl.BlockSpec((None, None, g.taps, c), lambda i, s: (i, s, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((n, BACKWARD_SPLITS, g.taps, c), jnp.float32),
         interpret=interpret, compiler_params=_PARAMS, name="stem_backward",
@@ -263,9 +269,6 @@ def pool_and_moments(images: jax.Array, w: jax.Array, sign: jax.Array, stride: i
                      ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(pooled, mean, mean square) as stem_blocked.pool_and_moments, from the
     kernels (run by Pallas's interpreter with `interpret`)."""
-    out = conv_pool(images.astype(jnp.float32), w, sign.astype(jnp.float32), stride, stats,
-                    interpret)
-    if not stats:
-        return out[0], None, None
-    pixels = images.shape[0] * same_out(images.shape[1], stride) * same_out(images.shape[2], stride)
-    return out[0], out[1] / pixels, out[2] / pixels
+    def conv(x, w, sign, stride, stats):
+        return conv_pool(x, w, sign, stride, stats, interpret)
+    return stem_blocked.pool_and_moments(images, w, sign, stride, stats, conv=conv)
