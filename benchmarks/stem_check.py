@@ -55,12 +55,11 @@ def _step(form: str, new_state):
     return eqx.filter_value_and_grad(loss, has_aux=True)
 
 
-def _set_tiles(form: str) -> str:
-    """The stem form to run for `form`, with "fused:TxS" setting the fused
-    kernels' tile and backward splits (read when a step is traced)."""
+def _set_tiles(form: str, defaults: tuple[int, int]) -> str:
+    """The stem form to run for `form`, setting the fused kernels' tile and
+    backward splits (read when a step is traced): those of "fused:TxS", else
+    `defaults`."""
     from eicl_cli.model import stem_fused
-    defaults = _set_tiles.__dict__.setdefault("defaults", (stem_fused.TILE,
-                                                           stem_fused.BACKWARD_SPLITS))
     tile, splits = defaults
     if form.startswith("fused:"):
         tile, splits = (int(v) for v in form.split(":")[1].split("x"))
@@ -99,10 +98,12 @@ def main() -> None:
     params, new_state = _stem_parts(1)
     params = eqx.filter(params, eqx.is_inexact_array)
     device = jax.devices()[0].device_kind
+    from eicl_cli.model import stem_fused
+    defaults = (stem_fused.TILE, stem_fused.BACKWARD_SPLITS)
     reference = None
     for k in (int(s) for s in args.stack.split(",")):
         for form in forms:
-            step = _step(_set_tiles(form), new_state)
+            step = _step(_set_tiles(form, defaults), new_state)
             if k == 1:
                 fn, inputs = eqx.filter_jit(step), (params, images)
             else:

@@ -315,7 +315,7 @@ def test_stacked_gemm_convolution_is_a_batched_matmul_not_a_grouped_convolution(
     assert "feature_group_count = 4" in jax.jit(grad(_conv)).lower(kernels, x).as_text()
 
 
-def test_stem_check_script_compares_the_forms(tmp_path):
+def test_stem_check_script_compares_the_forms():
     # benchmarks/stem_check.py is what a GPU session runs first: here with
     # the CPU's form against the interpreted kernels, small.
     import json
