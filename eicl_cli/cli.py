@@ -146,6 +146,7 @@ def train(
                         "host shares) or --resume RUN, so that all processes name one folder")
     train_mod.enable_compile_cache(cfg)
     dataset = load_dataset(cfg)  # before making a folder, so a missing cache leaves none
+    train_mod.placement(cfg)  # likewise a batch or stem the devices refuse
     if resume is not None:
         run_dir = resume
     else:

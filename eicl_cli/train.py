@@ -305,6 +305,16 @@ def check_stem_impl(cfg: Config, n_devices: int, backend: str) -> None:
                         "e.g. CUDA_VISIBLE_DEVICES=0)")
 
 
+def placement(cfg: Config) -> parallel.Placement:
+    """Where the step's arrays go on this process's devices (one device: as
+    is; several: a data mesh), or a one-line refusal of what cannot run
+    there. The CLI calls it before making a run folder, so a refusal leaves
+    none."""
+    place = parallel.Placement.for_batch(cfg.train.batch_size)
+    check_stem_impl(cfg, place.n_devices, jax.default_backend())
+    return place
+
+
 def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
            dataset: Any, writer: bool) -> Outcome:
     from .data.dataset import load_dataset
@@ -351,8 +361,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     step_fn = make_train_step(cfg)
     # One device: as is. Several (or several hosts): batch split over a data
     # mesh, everything else replicated (parallel.py).
-    place = parallel.Placement.for_batch(cfg.train.batch_size)
-    check_stem_impl(cfg, place.n_devices, jax.default_backend())
+    place = placement(cfg)
     consts, model, state, opt_state = place.replicate(
         ((data, masks, step_key), model, state, opt_state))
     data = consts[0]

@@ -206,3 +206,15 @@ def test_stem_kernels_are_refused_on_a_mesh_of_gpus():
     check_stem_impl(pallas, 1, "gpu")  # one GPU per run
     check_stem_impl(pallas, 2, "cpu")  # a CPU runs the blocked stem
     check_stem_impl(config.from_dict({}), 2, "gpu")
+
+
+@pytest.mark.slow  # a fresh process
+def test_a_batch_the_devices_cannot_split_is_refused_before_a_run_folder(data_dir: Path,
+                                                                        tmp_path: Path):
+    proc = eicl(*_args(data_dir, tmp_path / "run"), "--set", "train.batch_size=7",
+                data_dir=data_dir, env=_env(2))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: train.batch_size = 7 must be divisible by the 2 devices it is "
+                     "split over"], lines
+    assert not (tmp_path / "run").exists()
