@@ -33,6 +33,7 @@ import numpy as np
 
 from eicl_cli import bench
 from eicl_cli import config as config_mod
+from eicl_cli.hugepages import reexec_with_huge_pages
 from eicl_cli.metrics import loss_fn
 from eicl_cli.model import default_image_shape, forward_batch
 
@@ -84,6 +85,7 @@ def _model_only(cfg: config_mod.Config, steps: int, stack: int = 1) -> Callable[
 
 
 def main() -> None:
+    reexec_with_huge_pages()  # the step's buffers as `eicl` has them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--steps", type=int, default=50)

@@ -206,6 +206,7 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
     # buffers, autotuning), so it goes on the line too.
     out: dict[str, Any] = {"config": name, "set": list(overrides or []),
                            "xla_flags": os.environ.get("XLA_FLAGS") or None,
+                           "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None,
                            "device": device_description(), "jax_version": jax.__version__,
                            "jax_backend": jax.default_backend(), "stack": stack,
                            "batch_size": b, "image_shape": list(dataset.images.shape[1:])}

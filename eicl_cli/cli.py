@@ -437,7 +437,11 @@ def bench(
         display.print_bench_table(results)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m eicl_cli`
+def main() -> None:
+    """The `eicl` console script and `python -m eicl_cli.cli`: huge pages
+    for XLA's buffers first (hugepages.py), then the commands."""
+    from .hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
     app()
 
 

@@ -420,3 +420,5 @@ def print_bench_table(results: list[dict]) -> None:
         info("with --set " + " ".join(results[0]["set"]))
     if results[0].get("xla_flags"):
         info("with XLA_FLAGS=" + results[0]["xla_flags"])
+    if results[0].get("glibc_tunables"):
+        info("with GLIBC_TUNABLES=" + results[0]["glibc_tunables"])

@@ -62,5 +62,6 @@ def record(step: int) -> dict[str, Any]:
         "devices": [getattr(d, "device_kind", d.platform) for d in devices],
         "processes": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "argv": sys.argv[1:],
     }

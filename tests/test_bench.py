@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
 from pathlib import Path
 
 import pytest
 
+from eicl_cli.hugepages import TUNABLE, wanted
 from train_support import TINY, eicl
 
 FIELDS = ("device", "generator_sequences_per_s", "compile_s", "train_steps_per_s",
@@ -24,6 +28,10 @@ def test_bench_json_reports_every_figure_plain_and_stacked(data_dir: Path):
     for r in rows:
         assert r["stack"] == 2 and r["train_steps"] == 3 and r["config"] == "tiny"
         assert r["set"] == [f'data.data_dir="{data_dir}"'] and r["xla_flags"] == flags
+        # `python -m eicl_cli.cli` re-executed itself for huge pages (hugepages.py).
+        assert r["glibc_tunables"] == (TUNABLE if wanted(os.environ, platform.libc_ver(),
+                                                         sys.platform)
+                                       else os.environ.get("GLIBC_TUNABLES") or None)
         assert r["jax_version"].count(".") >= 2
         for f in FIELDS:
             assert r[f] is not None, f
