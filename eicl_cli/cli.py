@@ -441,7 +441,12 @@ def main() -> None:
     """The `eicl` console script and `python -m eicl_cli.cli`: huge pages
     for XLA's buffers first (hugepages.py), then the commands."""
     from .hugepages import reexec_with_huge_pages
-    reexec_with_huge_pages()
+    # Re-execute only a process that is eicl itself: called from inside
+    # another program (a notebook's kernel, a user's script), exec would
+    # restart that program instead.
+    program = Path(sys.argv[0])
+    if program.name == "eicl" or program.resolve() == Path(__file__).resolve():
+        reexec_with_huge_pages()
     app()
 
 

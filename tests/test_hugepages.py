@@ -76,3 +76,28 @@ def test_reexec_once_with_the_tunable_and_large_blocks_on_huge_pages():
     assert int(lines[2][3]) >= 32 << 10  # KiB: at least half of the block
     if "[madvise]" in mode:  # only the tunable's madvise gives huge pages
         assert int(opted_out[1][3]) == 0
+
+
+_CALLER = """
+import os, sys
+print("start", flush=True)
+sys.argv = ["someone_elses_script.py", "--help"]
+from eicl_cli.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print("tunables", repr(os.environ.get("GLIBC_TUNABLES")))
+"""
+
+
+@pytest.mark.skipif(not wanted({}, platform.libc_ver(), sys.platform),
+                    reason="needs Linux with glibc 2.35 or later")
+def test_main_called_from_another_program_does_not_reexec_it():
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-c", _CALLER], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines.count("start") == 1 and lines[-1] == "tunables None"
+    assert "Usage" in proc.stdout  # the commands ran, in the caller's process
