@@ -60,7 +60,11 @@ class Conv2D(eqx.Module):
             # A 1x1 conv is a matmul over channels; strided = subsample first.
             if self.stride > 1:
                 x = x[:, ::self.stride, ::self.stride]
-            y = x @ w[0, 0]
+            # Pixels flattened first: under vmap over stacked runs the weight
+            # gradient is a batched dot, and XLA's GPU layouts copied dy to
+            # channels-major (a full extra pass each) when it contracted over
+            # the separate image, row and column axes.
+            y = (x.reshape(-1, n_in) @ w[0, 0]).reshape(*x.shape[:-1], n_out)
         elif self.reads_images and n_in == 1:
             y = (_image_conv_gemm if self.gemm else _image_conv)(x, w, self.stride)
         elif self.gemm:
