@@ -9,7 +9,7 @@ of system time per paper step on 2 cores), and the step's passes over those
 buffers miss the TLB on 4 KiB pages. With the tunable glibc.malloc.hugetlb=1
 (glibc 2.35 and later) malloc marks such blocks MADV_HUGEPAGE, so where the
 kernel's transparent huge pages are in `madvise` mode (the common default)
-they come as 2 MiB pages: 255 faults per step (README, "Speed and scale",
+they come as 2 MiB pages: 255 faults for the block (README, "Speed and scale",
 has the measured steps/s).
 
 glibc reads its tunables only when a process starts, hence the re-exec. A
