@@ -60,11 +60,7 @@ class Conv2D(eqx.Module):
             # A 1x1 conv is a matmul over channels; strided = subsample first.
             if self.stride > 1:
                 x = x[:, ::self.stride, ::self.stride]
-            # Pixels flattened first: under vmap over stacked runs the weight
-            # gradient is a batched dot, and XLA's GPU layouts copied dy to
-            # channels-major (a full extra pass each) when it contracted over
-            # the separate image, row and column axes.
-            y = (x.reshape(-1, n_in) @ w[0, 0]).reshape(*x.shape[:-1], n_out)
+            y = _pointwise(x, w[0, 0])
         elif self.reads_images and n_in == 1:
             y = (_image_conv_gemm if self.gemm else _image_conv)(x, w, self.stride)
         elif self.gemm:
@@ -74,6 +70,14 @@ class Conv2D(eqx.Module):
         if self.bias is not None:
             y = y + self.bias.astype(dtype)
         return y
+
+
+def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
+    """A 1x1 convolution: (..., in) @ (in, out) with the pixels flattened
+    first. Under vmap over stacked runs the weight gradient is a batched dot,
+    and XLA's GPU layouts copied dy to channels-major (a full extra pass each)
+    when it contracted over the separate image, row and column axes."""
+    return (x.reshape(-1, w.shape[0]) @ w).reshape(*x.shape[:-1], w.shape[1])
 
 
 def _conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
@@ -236,13 +240,32 @@ class BottleneckBlock(eqx.Module):
         shortcut = x
         if self.shortcut is not None:
             conv, norm = self.shortcut
-            shortcut, state = norm(conv(x, dtype), state, inference=inference)
+            if conv.stride == 1:
+                # The projection and the first 1x1 conv read the same x: one
+                # matmul for both. XLA merges them itself for one run, but not
+                # for sweep --stack's 8x larger batched dots, which then read
+                # the block's widest input twice.
+                shortcut, first = _shared_input_1x1(conv, self.convs[0], x, dtype)
+            else:
+                shortcut, first = conv(x, dtype), None
+            shortcut, state = norm(shortcut, state, inference=inference)
+        else:
+            first = None
         out = x
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            out, state = norm(conv(out, dtype), state, inference=inference)
+            out = first if i == 0 and first is not None else conv(out, dtype)
+            out, state = norm(out, state, inference=inference)
             if i < 2:
                 out = jax.nn.relu(out)
         return jax.nn.relu(out + shortcut), state
+
+
+def _shared_input_1x1(a: Conv2D, b: Conv2D, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(a(x), b(x)) for two bias-free, unstrided 1x1 convolutions, as one
+    matmul against their kernels side by side."""
+    w = jnp.concatenate([a.weight[0, 0], b.weight[0, 0]], axis=-1)
+    y = _pointwise(x.astype(dtype), w.astype(dtype))
+    return y[..., :a.weight.shape[-1]], y[..., a.weight.shape[-1]:]
 
 
 class ResNetEncoder(eqx.Module):
