@@ -438,7 +438,8 @@ def bench(
 
 
 def main() -> None:
-    """The `eicl` console script and `python -m eicl_cli.cli`: huge pages
+    """The commands, run as `python -m eicl_cli.cli` (or from the `eicl`
+    console script, __main__.py, which has already re-executed): huge pages
     for XLA's buffers first (hugepages.py), then the commands."""
     from .hugepages import reexec_with_huge_pages
     # Re-execute only a process that is eicl itself: called from inside

@@ -101,3 +101,20 @@ def test_main_called_from_another_program_does_not_reexec_it():
     lines = proc.stdout.splitlines()
     assert lines.count("start") == 1 and lines[-1] == "tunables None"
     assert "Usage" in proc.stdout  # the commands ran, in the caller's process
+
+
+@pytest.mark.skipif(not wanted({}, platform.libc_ver(), sys.platform),
+                    reason="needs Linux with glibc 2.35 or later")
+def test_console_entry_reexecs_before_importing_the_commands():
+    # `eicl` runs eicl_cli.__main__:main, as `python -m eicl_cli` does. The
+    # process that is replaced imports only hugepages.py: Typer, Rich and the
+    # commands (0.1 s) are imported once, after the exec.
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "eicl_cli", "--help"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert imported.count("eicl_cli.hugepages") == 2  # before and after the exec
+    assert imported.count("eicl_cli.cli") == 1 and imported.count("typer") == 1
+    assert proc.stdout.count("Usage") == 1
