@@ -83,13 +83,25 @@ def test_context_logits_do_not_change_query_metrics():
         assert float(a[k]) == pytest.approx(float(b[k]))
 
 
-def test_polysemy_counts_any_label_of_the_class():
-    labels = jnp.array([[0, 0, 4], [0, 0, 4], [0, 0, 4]])  # class 2 owns labels 4, 5 (X = 2)
-    logits = jnp.zeros((3, 3, C))
-    logits = logits.at[0, -1, 4].set(9.0).at[1, -1, 5].set(9.0).at[2, -1, 3].set(9.0)
-    assert float(batch_metrics(logits, labels, MASKS)["accuracy_query"]) == pytest.approx(1 / 3)
-    assert float(batch_metrics(logits, labels, MASKS, polysemy=2)["accuracy_query"]) == \
-        pytest.approx(2 / 3)
+def test_polysemy_counts_any_label_of_a_rare_class_and_only_of_a_rare_class():
+    # X = 2: rare labels 2, 3 are one class's; common labels 4 and 5 are two
+    # classes. Queries (target, prediction): rare (2, 2), (2, 3), (2, 4);
+    # common (4, 4), (4, 5). The original's pred // X == target // X also
+    # took 5 for 4.
+    targets, preds = [2, 2, 2, 4, 4], [2, 3, 4, 4, 5]
+    labels = jnp.array([[0, 0, t] for t in targets])
+    logits = jnp.zeros((5, 3, C))
+    for i, p in enumerate(preds):
+        logits = logits.at[i, -1, p].set(9.0)
+    strict = batch_metrics(logits, labels, MASKS)
+    poly = batch_metrics(logits, labels, MASKS, polysemy=2)
+    assert float(strict["accuracy_query"]) == pytest.approx(2 / 5)
+    assert float(poly["accuracy_query"]) == pytest.approx(3 / 5)
+    # Closed over the rare and common labels: the same predictions.
+    masks = MASKS | {"closed": np.array([0, 0, 1, 1, 1, 1], bool)}
+    assert float(batch_metrics(logits, labels, masks)["accuracy_closed"]) == pytest.approx(2 / 5)
+    assert float(batch_metrics(logits, labels, masks, polysemy=2)["accuracy_closed"]) == \
+        pytest.approx(3 / 5)
 
 
 def test_missing_mask_is_refused():
