@@ -139,6 +139,7 @@ def train(
                                         f"encoder), {cfg.num_classes} classes")
         return
     from .data.dataset import load_dataset
+    from .data.sequences import SequenceGenerator
     from .parallel import is_writer, process_count
     if process_count() > 1 and resume is None and out is None:
         # A default name holds the start time, which the hosts would not agree on.
@@ -147,6 +148,7 @@ def train(
     train_mod.enable_compile_cache(cfg)
     dataset = load_dataset(cfg)  # before making a folder, so a missing cache leaves none
     train_mod.placement(cfg)  # likewise a batch or stem the devices refuse
+    SequenceGenerator(dataset, cfg)  # and labels or all_unique parts the data cannot give
     if resume is not None:
         run_dir = resume
     else:
@@ -373,6 +375,7 @@ def train_stack(
     from . import config as config_mod, display, runs, stack as stack_mod
     from . import train as train_mod
     from .data.dataset import load_dataset
+    from .data.sequences import SequenceGenerator
     cfgs, dirs = [], []
     for name in names:
         run_dir = sweep_dir / name
@@ -384,6 +387,8 @@ def train_stack(
     stack_mod.check_stackable(cfgs, names)
     train_mod.enable_compile_cache(cfgs[0])
     dataset = load_dataset(cfgs[0])
+    for cfg in cfgs:  # refusals before any run folder is made
+        SequenceGenerator(dataset, cfg)
     for i, (cfg, run_dir) in enumerate(zip(cfgs, dirs)):
         if not runs.is_run_dir(run_dir):
             cfgs[i] = train_mod.with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)

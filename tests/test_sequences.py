@@ -278,6 +278,52 @@ def test_unfixed_labels_follow_draw_order_per_sequence() -> None:
         assert sum(len(v) for v in by_class.values()) == 3
 
 
+def _repeats(classes: np.ndarray) -> np.ndarray:
+    """(B,) bool: the row holds some class twice."""
+    ordered = np.sort(classes, axis=1)
+    return (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+
+
+@pytest.mark.parametrize("case", ["random", "non_bursty_zipfian", "common_uniform",
+                                  "bursty_remainder", "mixed"])
+def test_all_unique_draws_distinct_classes_in_every_random_part(case) -> None:
+    # SPEC 5: random(pool, L) draws L distinct classes under all_unique, and
+    # non-bursty sequences, a burst's remainder and mixed's common part are
+    # random(...) parts. 10 common classes, 50 in the Zipfian pool.
+    kind, seqs = {
+        "random": ("random", {"seq_len": 11}),
+        "non_bursty_zipfian": ("bursty", {"p_bursty": 0.0, "seq_len": 11}),
+        "common_uniform": ("bursty", {"p_bursty": 0.0, "non_bursty_type": "common_uniform",
+                                      "seq_len": 10}),
+        # Rare bursts of 3 x 2: a remainder of 8 common classes.
+        "bursty_remainder": ("bursty", {"p_bursty": 1.0, "p_bursty_common": 0.0,
+                                        "p_bursty_zipfian": 0.0, "seq_len": 15}),
+        "mixed": ("mixed", {"p_fewshot": 0.0, "fs_shots": 4}),
+    }[case]
+
+    def part(unique: bool) -> np.ndarray:
+        b = gen(sequences=seqs | {"all_unique": unique}).batch(kind, 2000, rng(21))
+        if case == "bursty_remainder":
+            assert (~b.is_rare).sum(axis=1).min() == 8
+            return np.where(b.is_rare, -np.arange(15), b.class_index)  # rare: all distinct
+        return b.class_index
+
+    assert _repeats(part(True)).sum() == 0
+    assert _repeats(part(False)).mean() > 0.5  # i.i.d. draws do repeat
+
+
+def test_all_unique_refuses_a_random_part_longer_than_its_pool_when_made() -> None:
+    unique = {"all_unique": True, "seq_len": 11}
+    with pytest.raises(EiclError, match="all_unique needs 11 distinct classes .* common pool "
+                                        "has only 10"):
+        gen(sequences=unique | {"p_bursty": 0.0, "non_bursty_type": "common_uniform"})
+    # A common burst's remainder (11 - 3 x 2 - 1 = 4) comes from 40 rare classes.
+    gen(sequences=unique | {"p_bursty": 1.0, "p_bursty_common": 1.0, "p_bursty_zipfian": 0.0})
+    # mixed, where evaluated: 4 x 2 + 1 common classes.
+    with pytest.raises(EiclError, match="needs 9 distinct classes .* common pool has only 5"):
+        gen(classes={"n_common": 5}, sequences={"all_unique": True}, eval={"modes": ["mixed"]})
+
+
 def test_polysemy_labels() -> None:
     x = 3
     g = gen(sequences={"labeling_rare": f"ordered_polysemy{x}", "p_bursty": 0.8,

@@ -154,6 +154,19 @@ def test_live_display_on_a_terminal(data_dir: Path, tmp_path: Path, monkeypatch)
         assert needle in text, needle
 
 
+def test_all_unique_beyond_a_pool_is_refused_before_a_run_folder(data_dir: Path, tmp_path: Path):
+    from train_support import TINY, eicl
+    run = tmp_path / "run"
+    out = eicl("train", "--config", str(TINY), "--out", str(run),
+               "--set", "sequences.all_unique=true", "--set", "sequences.p_bursty=0.0",
+               "--set", 'sequences.non_bursty_type="common_uniform"', data_dir=data_dir)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: sequences.all_unique needs 9 distinct classes for a random part of a sequence "
+        "but the common pool has only 8; set it to false or give the pool more classes"]
+    assert not run.exists()
+
+
 def test_symbolic_config_trains_and_evaluates(tmp_path):
     """The shipped symbolic config (integer examples, embedding encoder) runs end to end."""
     from train_support import eicl

@@ -23,8 +23,11 @@ Choices where the original is silent or inconsistent (see docs):
   under an unfixed labeling gets the class's ordered label;
 - `is_rare` marks membership in the rare list (the original marked items by
   the pool they came from, so rare classes drawn from the Zipfian pool were 0);
-- the `random` kind is random(zipfian, seq_len) with labeling_common, all
-  classes distinct when sequences.all_unique.
+- the `random` kind is random(zipfian, seq_len) with labeling_common;
+- sequences.all_unique makes every random(pool, L) part draw L distinct
+  classes (SPEC 5): the `random` kind, non-bursty `zipfian` and
+  `common_uniform` sequences, a bursty sequence's remainder and `mixed`'s
+  common part (the original applies it to the `random` kind only).
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class SequenceGenerator:
         self._ordered[sp.holdout] = n_rare * self._poly + n_common + np.arange(sp.holdout.size)
         self._lower = {}  # seq_len -> (L, L) bool, q < p
         self._check_label_range()
+        self._check_all_unique()
 
     # ------------------------------------------------------------ public API
 
@@ -272,8 +276,9 @@ class SequenceGenerator:
         if not all_unique:
             return pool.classes[self._draw(pool, (n, length), rng)]
         if length > pool.size:
-            raise EiclError(f"sequences.all_unique needs seq_len = {length} distinct classes but "
-                            f"the {pool.name} pool has only {pool.size}")
+            raise EiclError(f"sequences.all_unique needs {length} distinct classes for a random "
+                            f"part of a sequence but the {pool.name} pool has only {pool.size}; "
+                            f"set it to false or give the pool more classes")
         # Weighted sampling without replacement = top-k of log-weights + Gumbel noise.
         keys = rng.gumbel(size=(n, pool.size)) + np.log(pool.weights)[None, :]
         top = np.argpartition(-keys, length - 1, axis=1)[:, :length]
@@ -355,7 +360,8 @@ class SequenceGenerator:
                 fc, fl = self._fewshot(self._pool(burst, "bursty"), m, shots, lab_burst, rng,
                                        shuffle=False)
                 if n_rem:
-                    rc = self._random(self._pool(rem, "bursty"), m, n_rem, rng)
+                    rc = self._random(self._pool(rem, "bursty"), m, n_rem, rng,
+                                      all_unique=s.all_unique)
                     rl = self._label(rc, lab_rem, rng)
                     fc, fl = np.concatenate([rc, fc], axis=1), np.concatenate([rl, fl], axis=1)
                 order = np.concatenate(
@@ -371,9 +377,11 @@ class SequenceGenerator:
     def _non_bursty(self, m: int, rng: np.random.Generator):
         s = self.cfg.sequences
         if s.non_bursty_type == "zipfian":
-            c = self._random(self._pool("zipfian", "bursty"), m, s.seq_len, rng)
+            c = self._random(self._pool("zipfian", "bursty"), m, s.seq_len, rng,
+                             all_unique=s.all_unique)
         elif s.non_bursty_type == "common_uniform":
-            c = self._random(self._pool("common", "bursty"), m, s.seq_len, rng)
+            c = self._random(self._pool("common", "bursty"), m, s.seq_len, rng,
+                             all_unique=s.all_unique)
         else:  # common_no_support
             c = self._no_support(self._pool("common", "bursty"), m, s.seq_len, rng)
         return c, self._label(c, s.labeling_common, rng)
@@ -389,7 +397,8 @@ class SequenceGenerator:
             classes[fewshot], labels[fewshot] = self._fewshot(
                 self._pool("rare", "mixed"), k, s.fs_shots, "unfixed", rng, shuffle=True)
         if k < n:
-            c = self._random(self._pool("common", "mixed"), n - k, length, rng)
+            c = self._random(self._pool("common", "mixed"), n - k, length, rng,
+                             all_unique=s.all_unique)
             classes[~fewshot], labels[~fewshot] = c, self._label(c, "ordered", rng)
         return classes, labels, fewshot
 
@@ -425,6 +434,33 @@ class SequenceGenerator:
         mask = np.zeros(self.num_classes, dtype=bool)
         mask[labels] = True
         return mask
+
+    def _check_all_unique(self) -> None:
+        """Refuse at once a random part that all_unique cannot fill: one of
+        training's bursty sequences, or of the `random` / `mixed` kinds where
+        the config evaluates them (else the run would stop at that batch)."""
+        s = self.cfg.sequences
+        if not s.all_unique:
+            return
+        needs = []  # (pool, classes in one random part)
+        n_rem = s.seq_len - s.bursty_shots * s.ways - 1
+        p_rare = 1.0 - s.p_bursty_common - s.p_bursty_zipfian
+        if s.p_bursty > 0 and n_rem > 0:
+            needs += [(rem, n_rem) for p, rem in ((s.p_bursty_zipfian, "zipfian"),
+                                                  (s.p_bursty_common, "rare"), (p_rare, "common"))
+                      if p > 1e-12]
+        if s.p_bursty < 1 and s.non_bursty_type != "common_no_support":
+            needs.append(("zipfian" if s.non_bursty_type == "zipfian" else "common", s.seq_len))
+        if "random" in self.cfg.eval.modes:
+            needs.append(("zipfian", s.seq_len))
+        if "mixed" in self.cfg.eval.modes and s.p_fewshot < 1:
+            needs.append(("common", s.fs_shots * s.ways + 1))
+        for name, length in needs:
+            pool = self._pools[name]
+            if 0 < pool.size < length:  # an empty pool has its own error, where it is drawn
+                raise EiclError(f"sequences.all_unique needs {length} distinct classes for a "
+                                f"random part of a sequence but the {name} pool has only "
+                                f"{pool.size}; set it to false or give the pool more classes")
 
     def _check_label_range(self) -> None:
         s, sp = self.cfg.sequences, self.split
