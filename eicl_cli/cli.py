@@ -126,6 +126,10 @@ def train(
         cfg = config_mod.load(config, set_ or [])
     else:
         cfg = config_mod.from_dict(config_mod.apply_overrides({}, set_ or []))
+        if not (print_config or print_model):
+            # The defaults are the paper's experiment: days on a CPU. Say so.
+            display.info(f"no --config: the paper's defaults ({cfg.embedding.example_encoder} "
+                         f"encoder, {cfg.run.steps:,} steps); see configs/ for others")
     if print_config:
         display.print_json(config_mod.to_toml(train_mod.resolved_config(cfg)).rstrip("\n"))
         return

@@ -291,6 +291,21 @@ def _suggest(name: str, options: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
 
 
+def _suggest_key(section: str, key: str, options: list[str]) -> str:
+    """_suggest within the section, else the closest keys of the other
+    sections (`train.num_steps` -> run.steps)."""
+    if difflib.get_close_matches(key, options, n=1, cutoff=0.5):
+        return _suggest(key, options)
+    elsewhere: dict[str, list[str]] = {}
+    for name, cls in _SECTION_TYPES.items():
+        for k in typing.get_type_hints(cls) if name != section else ():
+            elsewhere.setdefault(k, []).append(f"{name}.{k}")
+    close = difflib.get_close_matches(key, list(elsewhere), n=3, cutoff=0.6)
+    if not close:
+        return _suggest(key, options)
+    return f"; did you mean {' or '.join([q for k in close for q in elsewhere[k]][:3])}?"
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -396,7 +411,7 @@ def from_dict(raw: dict) -> Config:
         kwargs = {}
         for key, v in value.items():
             if key not in hints:
-                raise ConfigError(f"unknown key {name}.{key}" + _suggest(key, list(hints)))
+                raise ConfigError(f"unknown key {name}.{key}" + _suggest_key(name, key, list(hints)))
             kwargs[key] = _coerce(f"{name}.{key}", v, hints[key])
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
 
+# Piped into a file or a log, Rich would lay tables out for 80 columns and
+# wrap run names a few characters a line; there is no screen to fit, so
+# such output gets 160 (COLUMNS, where set, still decides).
+_PIPED_WIDTH = 160
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(stderr=stderr, width=_PIPED_WIDTH)
+    return c
+
+
 # One console for stdout and one for stderr, shared by every printer below.
-console = Console()
-err_console = Console(stderr=True)
+console = _console()
+err_console = _console(stderr=True)
 
 
 def is_terminal() -> bool:

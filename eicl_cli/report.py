@@ -87,19 +87,42 @@ def _curve(records: list[dict], metric: str) -> Curve:
 
 
 def load_run(path: Path) -> RunResult:
+    """A run folder, or a run's copy: NAME.metrics.jsonl beside NAME.config.toml."""
     path = Path(path)
-    cfg = runs.read_config(path)
+    copy = copy_config(path)
+    if copy is not None:
+        cfg = config_mod.from_toml(copy.read_text())
+        name, progress = path.name.removesuffix(COPY_METRICS), None
+    else:
+        cfg, name, progress = runs.read_config(path), path.name, sweep.run_progress(path)
     mode = sweep.iwl_mode(cfg.eval.modes)
-    evals = runs.read_metrics(path, kind="eval")
+    records = runs.read_metrics(path)
+    evals = [r for r in records if r.get("kind") == "eval"]
     curves = {}
     for which, m in (("ICL", sweep.ICL_MODE), ("IWL", mode)):
         recs = [r for r in evals if m and r.get("mode") == m]
         for metric in METRICS:
             curves[(which, metric)] = _curve(recs, metric)
-    all_steps = [r.get("step") for r in runs.read_metrics(path) if isinstance(r.get("step"), int)]
-    return RunResult(path=path, name=path.name, config=cfg, iwl_mode=mode,
-                     checkpoint_step=sweep.run_progress(path),
+    all_steps = [r.get("step") for r in records if isinstance(r.get("step"), int)]
+    return RunResult(path=path, name=name, config=cfg, iwl_mode=mode, checkpoint_step=progress,
                      last_step=max(all_steps) if all_steps else None, curves=curves)
+
+
+# A run's results kept without its checkpoints (docs/results): its metrics and
+# config side by side as NAME.metrics.jsonl and NAME.config.toml.
+COPY_METRICS, COPY_CONFIG = ".metrics.jsonl", ".config.toml"
+
+
+def copy_config(path: Path) -> Path | None:
+    """The config beside a run's copied metrics file, or None if `path` is not one."""
+    if not (path.is_file() and path.name.endswith(COPY_METRICS)):
+        return None
+    config = path.with_name(path.name.removesuffix(COPY_METRICS) + COPY_CONFIG)
+    return config if config.is_file() else None
+
+
+def _copies_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*" + COPY_METRICS) if copy_config(p) is not None)
 
 
 def icl_ceiling(cfg: config_mod.Config) -> float | None:
@@ -251,11 +274,14 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
                            if runs.is_run_dir(p / m["run_dir"])]
                 rows.append(Row(source=p.name, label=point, values=dict(members[0]["values"]),
                                 runs=results, expected_runs=len(members)))
-        elif runs.is_run_dir(p):
+        elif runs.is_run_dir(p) or copy_config(p) is not None:
             singles.append(load_run(p))
+        elif p.is_dir() and _copies_in(p):
+            singles.extend(load_run(c) for c in _copies_in(p))
         else:
-            raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}) "
-                            f"nor a sweep folder (no {sweep.MANIFEST})")
+            raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}), a sweep folder "
+                            f"(no {sweep.MANIFEST}) nor a run's copy (NAME{COPY_METRICS} beside "
+                            f"NAME{COPY_CONFIG})")
     in_points = {k for row in rows for k in row.values}  # a sweep's grid and zip keys
     # A run given twice (alone, or inside a sweep also given) counts once.
     seen = {r.path.resolve() for row in rows for r in row.runs}
@@ -302,7 +328,7 @@ def title(paths: list[Path], rows: list[Row] | None = None) -> str:
             m = sweep.read_manifest(p)
             parts.append(m.get("description") or Path(m.get("sweep_file", p.name)).stem)
         elif lone is None or p.resolve() in lone:
-            parts.append(p.name)
+            parts.append(p.name.removesuffix(COPY_METRICS))
     text = "; ".join(dict.fromkeys(parts))
     return text if len(text) <= 100 else text[:97] + "..."
 

@@ -164,8 +164,11 @@ def read_metrics(run_dir: Path, kind: str | None = None,
                  mode: str | None = None) -> list[dict]:
     """All records (optionally only one kind / eval mode), in file order.
 
-    A last line cut short by a crash is ignored."""
-    return [rec for rec in _read_jsonl(Path(run_dir) / METRICS_FILE)
+    A last line cut short by a crash is ignored. `run_dir` may also be a
+    metrics file itself (a run's copy, as in docs/results)."""
+    path = Path(run_dir)
+    path = path if path.is_file() else path / METRICS_FILE
+    return [rec for rec in _read_jsonl(path)
             if (kind is None or rec.get("kind") == kind)
             and (mode is None or rec.get("mode") == mode)]
 

@@ -358,21 +358,27 @@ def write_manifest(sweep_dir: Path, spec: SweepSpec, sweep_runs: list[SweepRun])
     """Write (or extend) SWEEP_OUT/manifest.json; refuses to change a run it already holds."""
     sweep_dir = Path(sweep_dir)
     new = manifest_dict(spec, sweep_runs)
-    if (sweep_dir / MANIFEST).is_file():
-        old = {r["name"]: r for r in read_manifest(sweep_dir)["runs"]}
-        for r in new["runs"]:
-            prev = old.get(r["name"])
-            if prev is not None and prev["config"] != r["config"]:
-                diff = _first_difference(prev["config"], r["config"])
-                raise EiclError(
-                    f"{sweep_dir} already holds run {r['name']} with a different config "
-                    f"({diff}); use another --out, or remove that folder to start over")
+    check_manifest(sweep_dir, new)
     (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
     for r in sweep_runs:
         runs.atomic_write_bytes(sweep_dir / "configs" / f"{r.name}.toml",
                                 config_mod.to_toml(r.config).encode())
     runs.atomic_write_bytes(sweep_dir / "sweep.toml", spec.path.read_bytes())
     runs.atomic_write_bytes(sweep_dir / MANIFEST, _json_bytes(new))
+
+
+def check_manifest(sweep_dir: Path, new: dict) -> None:
+    """Refuse a sweep that would change a run the folder already holds."""
+    if not (Path(sweep_dir) / MANIFEST).is_file():
+        return
+    old = {r["name"]: r for r in read_manifest(sweep_dir)["runs"]}
+    for r in new["runs"]:
+        prev = old.get(r["name"])
+        if prev is not None and prev["config"] != r["config"]:
+            diff = _first_difference(prev["config"], r["config"])
+            raise EiclError(
+                f"{sweep_dir} already holds run {r['name']} with a different config "
+                f"({diff}); use another --out, or remove that folder to start over")
 
 
 def _first_difference(a: dict, b: dict) -> str:
@@ -750,6 +756,7 @@ def dry_run_statuses(sweep_dir: Path, spec: SweepSpec, sweep_runs: list[SweepRun
     """What a sweep would do, without writing anything: existing runs show their state."""
     manifest = manifest_dict(spec, sweep_runs)
     if (Path(sweep_dir) / MANIFEST).is_file():
+        check_manifest(sweep_dir, manifest)  # refused as the sweep itself would be
         return statuses(sweep_dir, manifest)
     return [RunStatus(name=r.name, point=r.point, seed=r.seed, values=r.values,
                       state="pending", step=None, steps=r.config.run.steps, icl=None,

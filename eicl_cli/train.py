@@ -216,11 +216,14 @@ def _all_finite(tree: Any) -> bool:
 # ---------------------------------------------------------------- Ctrl+C
 
 class _Interrupt:
-    """First SIGINT: ask the loop to checkpoint and stop. Second: quit at once."""
+    """First SIGINT (Ctrl+C) or SIGTERM (a job scheduler's notice before it
+    kills the job): ask the loop to checkpoint and stop. Second: quit at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -229,14 +232,14 @@ class _Interrupt:
 
     def __enter__(self) -> "_Interrupt":
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. a library caller): no handler
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def train_record(cfg: Config, sums: dict, step: int, time_s: float, steps_per_s: float,

@@ -75,6 +75,9 @@ def test_base_loop_refused(tmp_path: Path) -> None:
 BAD = {
     "misspelt_key": ("[sequences]\np_burst = 0.5\n", "unknown key sequences.p_burst; did you mean 'p_bursty'"),
     "misspelt_section": ("[sequencs]\np_bursty = 0.5\n", "did you mean 'sequences'"),
+    "key_of_another_section": ("[train]\nnum_steps = 5\n",
+                               "unknown key train.num_steps; did you mean run.steps or"),
+    "key_of_two_sections": ("[train]\nseed = 5\n", "did you mean eval.seed or run.seed?"),
     "probability": ("[sequences]\np_bursty = 1.5\n", "sequences.p_bursty = 1.5 must be a probability in [0, 1]"),
     "prob_sum": ("[sequences]\np_bursty_common = 0.6\np_bursty_zipfian = 0.6\n", "must be <= 1"),
     "seq_len": ("[sequences]\nseq_len = 3\nbursty_shots = 3\nways = 2\n", "sequences.seq_len = 3 is too short"),

@@ -80,6 +80,20 @@ def test_eval_prints_every_configured_mode_and_repeats_exactly(trained: Path):
     assert ja["modes"]["fewshot_holdout"]["ceiling"] == pytest.approx(fewshot_ceiling(8, 2))
 
 
+def test_eval_finds_the_cache_the_run_recorded(trained: Path, tmp_path: Path, monkeypatch):
+    """From a shell whose EICL_DATA_DIR holds no cache, a run is evaluated
+    with the cache its config.toml recorded; without a run, the error says
+    how to point eicl at a cache."""
+    monkeypatch.setenv("EICL_DATA_DIR", str(tmp_path / "empty"))
+    res = runner.invoke(app, ["eval", str(trained), "--sequences", "50", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["step"] == 20
+    res = runner.invoke(app, ["train", "--config", str(TINY), "--out", str(tmp_path / "new")])
+    assert res.exit_code == 2
+    assert "point eicl at the folder that holds it with EICL_DATA_DIR" in res.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_eval_table_output_and_explicit_modes(trained: Path):
     ckpt = runs.checkpoint_path(trained, 10)
     res = runner.invoke(app, ["eval", str(ckpt), "--mode", "fewshot_rare", "--mode",

@@ -114,6 +114,32 @@ def test_single_run_final_and_best(tmp_path: Path) -> None:
     assert row.notes == []
 
 
+def test_a_runs_copy_reports_as_the_run(tmp_path: Path) -> None:
+    """docs/results keeps runs as NAME.config.toml + NAME.metrics.jsonl, no
+    checkpoints: given the metrics file, or a folder of such pairs, report
+    reads them as the runs they were."""
+    made = [make_run(tmp_path / f"seed{i}", base_cfg(run={"seed": i}), icl_curve(0.9, i),
+                     iwl_curve(0.9, i)) for i in range(2)]
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for run in made:
+        (copies / f"{run.name}.config.toml").write_bytes((run / "config.toml").read_bytes())
+        (copies / f"{run.name}.metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes())
+    (copies / "stray.metrics.jsonl").write_text("")  # no config beside it: not a copy
+
+    def summary(rows):
+        return [(r.label, len(r.runs), r.stat("ICL", "accuracy_query", "best").mean,
+                 r.stat("IWL", "accuracy_query", "final").mean) for r in rows]
+
+    from_runs = summary(report.collect(made)[0])
+    assert summary(report.collect([copies / "seed0.metrics.jsonl",
+                                   copies / "seed1.metrics.jsonl"])[0]) == from_runs
+    assert summary(report.collect([copies])[0]) == from_runs
+    assert [r.name for r in report.collect([copies], pool=False)[0][0].runs] == ["seed0"]
+    res = CliRunner().invoke(app, ["report", str(copies / "stray.metrics.jsonl")])
+    assert res.exit_code == 2 and "nor a run's copy" in res.output
+
+
 def test_sweep_rows_mean_and_std_over_seeds(fixture_sweep: Path) -> None:
     rows, keys = report.collect([fixture_sweep])
     assert keys == ["sequences.p_bursty"]
@@ -325,7 +351,7 @@ def test_a_compile_only_key_is_no_difference(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}/nothing"], "does not exist"),
-    (["report", "{tmp}"], "is not a run folder (no config.toml) nor a sweep folder"),
+    (["report", "{tmp}"], "is not a run folder (no config.toml), a sweep folder"),
     (["report", "{run}", "--plot", "{tmp}/x.jpg"], "give a file name ending in .png"),
     (["report", "{run}", "--json", "--csv"], "choose one"),
 ])

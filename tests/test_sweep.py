@@ -193,6 +193,10 @@ def test_manifest_written_and_guarded(tmp_path: Path) -> None:
     sweep.write_manifest(out, spec, points)
     with pytest.raises(EiclError, match="different config .*run.steps was 20, now 30"):
         sweep.write_manifest(out, spec, sweep.expand(spec, ["run.steps=30"]))
+    # --dry-run says so too, instead of listing the runs as if it would go on.
+    with pytest.raises(EiclError, match="different config .*run.steps was 20, now 30"):
+        sweep.dry_run_statuses(out, spec, sweep.expand(spec, ["run.steps=30"]))
+    assert [s.state for s in sweep.dry_run_statuses(out, spec, points)] == ["pending"] * len(points)
     with pytest.raises(EiclError, match="not a sweep folder"):
         sweep.read_manifest(tmp_path)
 

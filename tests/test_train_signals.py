@@ -62,13 +62,15 @@ def test_sigkill_while_writing_a_checkpoint_leaves_a_resumable_run(data_dir: Pat
     assert [r["step"] for r in runs.read_metrics(run, kind="train")] == [10, 20]
 
 
-def test_ctrl_c_saves_and_tells_how_to_resume(data_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_tells_how_to_resume(data_dir: Path, tmp_path: Path, sig):
+    # SIGTERM: what a job scheduler (SLURM, Kubernetes) sends before it kills.
     run = tmp_path / "run"
     proc = _start(data_dir, "--config", str(TINY), "--out", str(run), "--set",
                   "run.steps=100000", "--set", "run.log_every=5", "--set",
                   "run.checkpoint_every=100000", "--set", "run.eval_every=100000")
     _wait_for(lambda: runs.read_metrics(run, kind="train"), proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     saved = runs.list_checkpoints(run)

@@ -202,8 +202,14 @@ def load_dataset(cfg: config_mod.Config, data_dir: Path | None = None) -> Datase
         raise EiclError(f"data.dataset = {d.dataset!r} is not allowed; choose one of: omniglot, synthetic, symbolic")
     root = Path(data_dir) if data_dir is not None else config_mod.data_dir(cfg)
     path = cache_path(root, d.dataset)
+    if not path.is_file() and data_dir is None and d.cache_file and Path(d.cache_file).is_file():
+        # A run's config records the cache it was made with (train.with_cache_identity):
+        # `eicl eval` or `--resume` from a shell without that run's EICL_DATA_DIR finds it.
+        path = Path(d.cache_file)
     if not path.is_file():
-        raise EiclError(f"no {d.dataset} cache at {path}; make it with `{prepare_command(d.dataset, root)}`")
+        raise EiclError(f"no {d.dataset} cache at {path}; make it with "
+                        f"`{prepare_command(d.dataset, root)}`, or point eicl at the folder "
+                        f"that holds it with EICL_DATA_DIR or data.data_dir")
     raw, digest = read_cache(path)
     if raw.kind != d.dataset:
         raise EiclError(f"cache {path} holds {raw.kind!r} data, not {d.dataset!r}; "

@@ -287,7 +287,8 @@ def download(url: str, dest: Path, size: int, sha256: str,
                         progress(got, size)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
-            raise EiclError(f"download of {dest.name} from {url} failed after {got} bytes: {reason}") from None
+            raise EiclError(f"download of {dest.name} from {url} failed after {got} bytes: {reason} "
+                            f"(offline: give the official zips with --source PATH)") from None
         if got != size:
             raise EiclError(f"download of {dest.name} from {url} is {got} bytes, expected {size}: "
                             "incomplete or not the official file")
