@@ -457,7 +457,27 @@ def main() -> None:
     program = Path(sys.argv[0])
     if program.name == "eicl" or program.resolve() == Path(__file__).resolve():
         reexec_with_huge_pages()
-    app()
+    sys.exit(run_app())
+
+
+def run_app(args: list[str] | None = None) -> int:
+    """The commands; a usage error (an option's bad value, a missing argument,
+    an unknown option) is one line on stderr and exit 2, like EiclError,
+    instead of Typer's boxed usage text. Returns the exit code."""
+    try:
+        code = app(args=args, standalone_mode=False)
+    except Exception as e:
+        # Typer's (Click's) usage errors, whichever Typer: it may vendor Click.
+        message, command = getattr(e, "format_message", None), getattr(e, "ctx", None)
+        if message is None or not isinstance(getattr(e, "exit_code", None), int):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError" or command is None:
+            e.show()  # `eicl` alone: its help
+            return e.exit_code
+        text = " ".join(message().split())
+        typer.echo(f"error: {text} (see {command.command_path} --help)", err=True)
+        return e.exit_code
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
