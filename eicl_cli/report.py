@@ -327,7 +327,8 @@ def title(paths: list[Path], rows: list[Row] | None = None) -> str:
         if sweep.is_sweep_dir(p):
             m = sweep.read_manifest(p)
             parts.append(m.get("description") or Path(m.get("sweep_file", p.name)).stem)
-        elif lone is None or p.resolve() in lone:
+        elif lone is None or p.resolve() in lone or any(q.parent == p.resolve() for q in lone):
+            # (a folder of runs' copies: its rows are the copies themselves)
             parts.append(p.name.removesuffix(COPY_METRICS))
     text = "; ".join(dict.fromkeys(parts))
     return text if len(text) <= 100 else text[:97] + "..."

@@ -136,6 +136,8 @@ def test_a_runs_copy_reports_as_the_run(tmp_path: Path) -> None:
                                    copies / "seed1.metrics.jsonl"])[0]) == from_runs
     assert summary(report.collect([copies])[0]) == from_runs
     assert [r.name for r in report.collect([copies], pool=False)[0][0].runs] == ["seed0"]
+    assert report.title([copies], report.collect([copies], pool=False)[0]) == "copies"
+    assert report.title([copies / "seed1.metrics.jsonl"]) == "seed1"
     res = CliRunner().invoke(app, ["report", str(copies / "stray.metrics.jsonl")])
     assert res.exit_code == 2 and "nor a run's copy" in res.output
 
