@@ -47,6 +47,14 @@ from .split import ClassSplit, make_split
 KINDS = tuple(dict.fromkeys(TRAIN_KINDS + EVAL_MODES + ("random",)))
 FEWSHOT_KINDS = ("fewshot_common", "fewshot_rare", "fewshot_zipfian", "fewshot_holdout")
 NO_SUPPORT_KINDS = ("no_support_common", "no_support_rare", "no_support_zipfian")
+# The pool a bursty sequence's remainder comes from, by the pool of its burst (SPEC 5).
+REMAINDER_POOL = {"zipfian": "zipfian", "common": "rare", "rare": "common"}
+
+
+def _all_unique_error(length: int, pool: str, size: int) -> EiclError:
+    return EiclError(f"sequences.all_unique needs {length} distinct classes for a random part "
+                     f"of a sequence but the {pool} pool has only {size}; set it to false or "
+                     f"give the pool more classes")
 
 # Independent random streams: the second entry of every seed sequence.
 STREAM_TRAIN, STREAM_EVAL, STREAM_SAMPLE = 0, 1, 2
@@ -276,9 +284,7 @@ class SequenceGenerator:
         if not all_unique:
             return pool.classes[self._draw(pool, (n, length), rng)]
         if length > pool.size:
-            raise EiclError(f"sequences.all_unique needs {length} distinct classes for a random "
-                            f"part of a sequence but the {pool.name} pool has only {pool.size}; "
-                            f"set it to false or give the pool more classes")
+            raise _all_unique_error(length, pool.name, pool.size)
         # Weighted sampling without replacement = top-k of log-weights + Gumbel noise.
         keys = rng.gumbel(size=(n, pool.size)) + np.log(pool.weights)[None, :]
         top = np.argpartition(-keys, length - 1, axis=1)[:, :length]
@@ -351,11 +357,12 @@ class SequenceGenerator:
             if b == 0:
                 c, lab = self._non_bursty(m, rng)
             else:
-                burst, rem, lab_burst, lab_rem = {
-                    1: ("zipfian", "zipfian", s.labeling_rare, s.labeling_rare),
-                    2: ("common", "rare", s.labeling_common, s.labeling_rare),
-                    3: ("rare", "common", s.labeling_rare, s.labeling_common),
+                burst, lab_burst, lab_rem = {
+                    1: ("zipfian", s.labeling_rare, s.labeling_rare),
+                    2: ("common", s.labeling_common, s.labeling_rare),
+                    3: ("rare", s.labeling_rare, s.labeling_common),
                 }[int(b)]
+                rem = REMAINDER_POOL[burst]
                 # The final shuffle below is uniform, so the few-shot part needs none.
                 fc, fl = self._fewshot(self._pool(burst, "bursty"), m, shots, lab_burst, rng,
                                        shuffle=False)
@@ -446,8 +453,9 @@ class SequenceGenerator:
         n_rem = s.seq_len - s.bursty_shots * s.ways - 1
         p_rare = 1.0 - s.p_bursty_common - s.p_bursty_zipfian
         if s.p_bursty > 0 and n_rem > 0:
-            needs += [(rem, n_rem) for p, rem in ((s.p_bursty_zipfian, "zipfian"),
-                                                  (s.p_bursty_common, "rare"), (p_rare, "common"))
+            needs += [(REMAINDER_POOL[burst], n_rem)
+                      for p, burst in ((s.p_bursty_zipfian, "zipfian"),
+                                       (s.p_bursty_common, "common"), (p_rare, "rare"))
                       if p > 1e-12]
         if s.p_bursty < 1 and s.non_bursty_type != "common_no_support":
             needs.append(("zipfian" if s.non_bursty_type == "zipfian" else "common", s.seq_len))
@@ -458,9 +466,7 @@ class SequenceGenerator:
         for name, length in needs:
             pool = self._pools[name]
             if 0 < pool.size < length:  # an empty pool has its own error, where it is drawn
-                raise EiclError(f"sequences.all_unique needs {length} distinct classes for a "
-                                f"random part of a sequence but the {name} pool has only "
-                                f"{pool.size}; set it to false or give the pool more classes")
+                raise _all_unique_error(length, name, pool.size)
 
     def _check_label_range(self) -> None:
         s, sp = self.cfg.sequences, self.split
