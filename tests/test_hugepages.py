@@ -51,8 +51,13 @@ print("after", os.getpid(), repr(os.environ.get("GLIBC_TUNABLES")), huge_kib() -
 """
 
 
+def _untuned() -> dict[str, str]:
+    """This environment without GLIBC_TUNABLES: as a user starts eicl."""
+    return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+
 def _child(**env: str) -> list[list[str]]:
-    full = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | env
+    full = _untuned() | env
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=full, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -94,7 +99,7 @@ print("tunables", repr(os.environ.get("GLIBC_TUNABLES")))
 @pytest.mark.skipif(not wanted({}, platform.libc_ver(), sys.platform),
                     reason="needs Linux with glibc 2.35 or later")
 def test_main_called_from_another_program_does_not_reexec_it():
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = _untuned()
     proc = subprocess.run([sys.executable, "-c", _CALLER], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -109,7 +114,7 @@ def test_console_entry_reexecs_before_importing_the_commands():
     # `eicl` runs eicl_cli.__main__:main, as `python -m eicl_cli` does. The
     # process that is replaced imports only hugepages.py: Typer, Rich and the
     # commands (0.1 s) are imported once, after the exec.
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = _untuned()
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "eicl_cli", "--help"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
