@@ -5,12 +5,14 @@ forward + backward pass of each, alone and stacked (vmap over runs, as
 
     python benchmarks/stem_check.py [--forms whole,fused] [--batch 32] [--length 9]
         [--size 105] [--stack 1,8] [--iters 20] [--noise 0.0] [--fused-tiles 32x2,64x2]
+        [--dtype float32|bfloat16]
 
 On a GPU, "fused" is the Pallas kernels of `embedding.stem_impl = "pallas"`
 (off a GPU Pallas interprets them: slow, for checking only) and "whole" the
 XLA form a GPU runs by default; "blocked" is the CPU's form. The images are
 random binary ones (Omniglot's pixels are 0/1), plus Gaussian noise of
-`--noise`. Differences are relative to the largest magnitude of the first
+`--noise`. `--dtype` is the model's compute dtype (`model.dtype`); in
+bfloat16 the forms differ by bfloat16's rounding. Differences are relative to the largest magnitude of the first
 form's array (max |a - b| / max |b|). `--fused-tiles` runs the fused form
 once per TILE x BACKWARD_SPLITS of model/stem_fused.py (pooled positions per
 program, programs per image in the backward pass), named "fused:TxS".
@@ -37,7 +39,7 @@ def _stem_parts(seed: int):
     return (enc.initial_conv, enc.initial_norm), lambda: eqx.nn.State(enc)
 
 
-def _step(form: str, new_state):
+def _step(form: str, new_state, dtype=jnp.float32):
     """value_and_grad of a fixed weighting of the stem's output, over a batch
     of sequences (the model's batch vmap, statistics over the batch)."""
     from eicl_cli.model.encoders import _stem
@@ -46,11 +48,10 @@ def _step(form: str, new_state):
         conv, norm = params
         state = new_state()  # a State is used once
         out, state = jax.vmap(
-            lambda x: _stem(conv, norm, x, state, inference=False, dtype=jnp.float32,
-                            form=form),
+            lambda x: _stem(conv, norm, x, state, inference=False, dtype=dtype, form=form),
             axis_name="batch", out_axes=(0, None))(images)
         weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32) * 0.01).reshape(out.shape)
-        return (out * weights).sum() / out.shape[0], (out, state)
+        return (out * weights).sum() / out.shape[0], (out.astype(jnp.float32), state)
 
     return eqx.filter_value_and_grad(loss, has_aux=True)
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--stack", default="1,8")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--noise", type=float, default=0.0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--fused-tiles", default="",
                         help="TILExSPLITS,... for extra runs of the fused form")
     args = parser.parse_args()
@@ -103,7 +105,7 @@ def main() -> None:
     reference = None
     for k in (int(s) for s in args.stack.split(",")):
         for form in forms:
-            step = _step(_set_tiles(form, defaults), new_state)
+            step = _step(_set_tiles(form, defaults), new_state, jnp.dtype(args.dtype))
             if k == 1:
                 fn, inputs = eqx.filter_jit(step), (params, images)
             else:
@@ -111,7 +113,8 @@ def main() -> None:
                 fn = eqx.filter_jit(eqx.filter_vmap(step))
                 inputs = (jax.tree_util.tree_map(lambda a: jnp.stack([a] * k), params),
                           jnp.stack([jnp.roll(images, r, axis=0) for r in range(k)]))
-            line = {"form": form, "stack": k, "device": device, "images": shape}
+            line = {"form": form, "stack": k, "device": device, "images": shape,
+                    "dtype": args.dtype}
             try:
                 started = time.perf_counter()
                 result = jax.block_until_ready(fn(*inputs))

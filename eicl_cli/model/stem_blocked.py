@@ -209,17 +209,19 @@ _conv_pool.defvjp(_conv_pool_fwd, _conv_pool_bwd)
 
 
 def pool_and_moments(images: jax.Array, w: jax.Array, sign: jax.Array, stride: int,
-                     stats: bool, conv=None
+                     stats: bool, conv=None, out_dtype=jnp.float32
                      ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(pooled, mean, mean square): the signed max pool of the convolution
     of one sequence's images (L, H, W) with w (kh, kw, 1, C), and with
     `stats` the map's per-channel mean and mean square over the L images
-    (None without), all in float32. `conv`: the conv_pool to run (this
-    module's by default; stem_fused passes its kernels')."""
+    (None without), computed in float32; the pooled map is returned as
+    `out_dtype`. `conv`: the conv_pool to run (this module's by default;
+    stem_fused passes its kernels', which store it so themselves)."""
     conv = conv_pool if conv is None else conv
     out = conv(images.astype(jnp.float32), w.astype(jnp.float32), sign.astype(jnp.float32),
                stride, stats)
+    pooled = out[0].astype(out_dtype)
     if not stats:
-        return out[0], None, None
+        return pooled, None, None
     pixels = images.shape[0] * same_out(images.shape[1], stride) * same_out(images.shape[2], stride)
-    return out[0], out[1] / pixels, out[2] / pixels
+    return pooled, out[1] / pixels, out[2] / pixels

@@ -134,7 +134,8 @@ def _forward_kernel(x_ref, w_ref, sign_ref, pooled_ref, code_ref, *stat_refs, g:
         row_of.append(rule3(g.oh)(*column))
     col = rule3(g.ow)(*best)
     row = jnp.where(col == 0, row_of[0], jnp.where(col == 1, row_of[1], row_of[2]))
-    pooled_ref[...] = jnp.maximum(jnp.maximum(best[0], best[1]), best[2])
+    pooled = jnp.maximum(jnp.maximum(best[0], best[1]), best[2])
+    pooled_ref[...] = pooled.astype(pooled_ref.dtype)
     code_ref[...] = (3 * row + col).astype(jnp.int8)
     if stat_refs:
         stat_refs[0][...] = y_sum
@@ -157,7 +158,8 @@ def _backward_kernel(x_ref, w_ref, code_ref, g_ref, *refs, g: Geometry, precisio
         # masked gather, so the last tile reads nothing past its end.
         channel = lax.broadcasted_iota(jnp.int32, (1, g_ref.shape[-1]), 1)
         grad = plgpu.load(g_ref.at[jnp.minimum(q, g.mh * g.mw - 1), channel],
-                          mask=(q < g.mh * g.mw) & (channel >= 0), other=0.0)
+                          mask=(q < g.mh * g.mw) & (channel >= 0), other=0.0
+                          ).astype(jnp.float32)
         for a in range(3):
             for b in range(3):
                 taps, valid = _tile_taps(x_ref, g, q, a, b)
@@ -193,10 +195,10 @@ def _per_image(*shape: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, *shape), lambda i, t: (i,) + (0,) * len(shape))
 
 
-def _forward(x, wm, sign, g: Geometry, stats: bool, interpret: bool):
+def _forward(x, wm, sign, g: Geometry, stats: bool, out_dtype, interpret: bool):
     n, c = x.shape[0], wm.shape[1]
     rows = g.tiles * TILE
-    out_shape = [jax.ShapeDtypeStruct((n, rows, c), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((n, rows, c), out_dtype),
                  jax.ShapeDtypeStruct((n, rows, c), jnp.int8)]
     out_specs = [pl.BlockSpec((None, TILE, c), lambda i, t: (i, t, 0))] * 2
     if stats:
@@ -231,31 +233,37 @@ def _weight_matrix(w: jax.Array, g: Geometry) -> jax.Array:
     return jnp.pad(wm, ((0, g.taps - g.kh * g.kw), (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def conv_pool(x: jax.Array, w: jax.Array, sign: jax.Array, stride: int, stats: bool,
-              interpret: bool) -> tuple[jax.Array, ...]:
+              out_dtype, interpret: bool) -> tuple[jax.Array, ...]:
     """(pooled, [y_sum, y_sq_sum]) as stem_blocked.conv_pool: the 3 x 3
     stride-2 SAME max pool of sign * y, y the SAME convolution of one
     sequence's images x (L, H, W) with w (kh, kw, 1, C); with `stats` y's
-    per-channel sums of y and y^2. Differentiable in w only."""
-    return _conv_pool_fwd(x, w, sign, stride, stats, interpret)[0]
+    per-channel sums of y and y^2. Differentiable in w only. The products,
+    the maximum and the sums are float32; the pooled map is stored as
+    `out_dtype` (its gradient comes in that dtype too). Rounding commutes
+    with the maximum, so a bfloat16 pooled map holds the same values as the
+    pool of a bfloat16 map, at half the memory traffic."""
+    return _conv_pool_fwd(x, w, sign, stride, stats, out_dtype, interpret)[0]
 
 
-def _conv_pool_fwd(x, w, sign, stride, stats, interpret):
+def _conv_pool_fwd(x, w, sign, stride, stats, out_dtype, interpret):
     g = _geometry(x, w, stride)
     wm = _weight_matrix(w, g)
-    out = _forward(x, wm, sign, g, stats, interpret)
+    out = _forward(x, wm, sign, g, stats, out_dtype, interpret)
     pooled = out[0][:, :g.mh * g.mw].reshape(x.shape[0], g.mh, g.mw, -1)
     sums = tuple(s.sum((0, 1)) for s in out[2:])
     return (pooled,) + sums, (x, w, out[1], sign)
 
 
-def _conv_pool_bwd(stride, stats, interpret, res, cotangents):
+def _conv_pool_bwd(stride, stats, out_dtype, interpret, res, cotangents):
     x, w, code, sign = res
     g = _geometry(x, w, stride)
     wm = _weight_matrix(w, g)
     n, c = x.shape[0], w.shape[-1]
-    grad = (cotangents[0] * sign).reshape(n, g.mh * g.mw, c)
+    # sign is +-1: multiplying in the gradient's own dtype is exact and keeps
+    # a bfloat16 gradient at half the bytes on its way into the kernel.
+    grad = (cotangents[0] * sign.astype(cotangents[0].dtype)).reshape(n, g.mh * g.mw, c)
     dw = _backward(x, wm, code, grad, cotangents[1:], g, interpret).sum((0, 1))
     return (jnp.zeros_like(x), dw[:g.kh * g.kw].reshape(w.shape).astype(w.dtype),
             jnp.zeros_like(sign))
@@ -265,10 +273,11 @@ conv_pool.defvjp(_conv_pool_fwd, _conv_pool_bwd)
 
 
 def pool_and_moments(images: jax.Array, w: jax.Array, sign: jax.Array, stride: int,
-                     stats: bool, interpret: bool = False
+                     stats: bool, out_dtype=jnp.float32, interpret: bool = False
                      ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(pooled, mean, mean square) as stem_blocked.pool_and_moments, from the
     kernels (run by Pallas's interpreter with `interpret`)."""
     def conv(x, w, sign, stride, stats):
-        return conv_pool(x, w, sign, stride, stats, interpret)
-    return stem_blocked.pool_and_moments(images, w, sign, stride, stats, conv=conv)
+        return conv_pool(x, w, sign, stride, stats, jnp.dtype(out_dtype), interpret)
+    return stem_blocked.pool_and_moments(images, w, sign, stride, stats, conv=conv,
+                                         out_dtype=out_dtype)
