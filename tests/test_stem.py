@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from eicl_cli.model.encoders import (Conv2D, ConvEncoder, ResNetEncoder, _conv, _conv_gemm,
-                                     _image_conv, _image_conv_gemm, _stem)
+from eicl_cli.model.encoders import (Conv2D, ConvEncoder, ResNetEncoder, _affine_relu, _conv,
+                                     _conv_gemm, _image_conv, _image_conv_gemm, _stem)
 
 
 def _reference_stem(conv, norm, images, state, inference=False):
@@ -250,6 +250,37 @@ def test_bfloat16_stem_forms_stay_close_to_float32(form):
     # weight gradient at most here, against 2% for the float32 forms.
     for g, r in zip(leaves(grads), leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=0, atol=0.1 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stem_affine_relu_has_autodiffs_values_and_gradients_in_one_backward_pass(dtype):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 5, 5, 8)).astype(np.float32)).astype(dtype)
+    center, scale, offset = (jnp.asarray(rng.normal(size=8).astype(np.float32)) for _ in range(3))
+    x = x.at[0, 0, 0].set(center.astype(dtype))  # some outputs exactly at the ReLU's kink
+    offset = offset.at[:2].set(0.0)
+    weights = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+
+    def plain(x, center, scale, offset, dtype):
+        return jax.nn.relu((x - center) * scale + offset).astype(dtype)
+
+    def loss(f):
+        return lambda *args: (f(*args, dtype).astype(jnp.float32) * weights).sum()
+
+    args = (x, center, scale, offset)
+    np.testing.assert_array_equal(np.asarray(_affine_relu(*args, dtype), np.float32),
+                                  np.asarray(plain(*args, dtype), np.float32))
+    got = jax.grad(loss(_affine_relu), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(*args)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=1e-5, atol=1e-5)
+    # The per-channel sums are one reduction of two operands beside x's gradient.
+    _, backward = jax.vjp(lambda *a: _affine_relu(*a, dtype), *args)
+    jaxpr = jax.make_jaxpr(backward)(weights.astype(dtype))
+    reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("reduce")]
+    assert [(e.primitive.name, len(e.invars)) for e in reductions] == [("reduce", 4)]
 
 
 def test_first_conv_of_the_conv_encoder_gets_the_same_weight_gradient():
