@@ -244,13 +244,16 @@ def _affine_relu(x: jax.Array, center: jax.Array, scale: jax.Array, offset: jax.
 
 def _affine_relu_fwd(x, center, scale, offset, dtype):
     out = jax.nn.relu((x - center) * scale + offset).astype(dtype)
-    return out, (x, center, scale, offset)
+    # The ReLU's mask comes from its output, as autodiff's would: made again
+    # from x in another fusion, its rounding (a fused multiply-add or not)
+    # could decide a value at the kink the other way.
+    return out, (x, center, scale, offset, out)
 
 
 def _affine_relu_bwd(dtype, res, g):
-    x, center, scale, offset = res
+    x, center, scale, offset, out = res
     xc = x - center
-    g = jnp.where(xc * scale + offset > 0, g.astype(jnp.float32), 0.0)
+    g = jnp.where(out > 0, g.astype(jnp.float32), 0.0)
     axes = tuple(range(g.ndim - 1))
     d_offset, d_scale = lax.reduce((g, g * xc), (0.0, 0.0),
                                    lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
