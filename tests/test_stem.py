@@ -485,26 +485,23 @@ def test_stem_check_script_compares_the_forms():
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "stem_check.py"), "--forms", "blocked,fused",
-         "--batch", "2", "--length", "3", "--size", "21", "--stack", "1,2", "--iters", "1",
-         "--noise", "0.1"],
-        capture_output=True, text=True, timeout=300, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+
+    def check(*args: str) -> list[dict]:
+        done = subprocess.run(
+            [sys.executable, str(root / "benchmarks" / "stem_check.py"), "--forms",
+             "blocked,fused", "--batch", "2", "--length", "3", "--size", "21", "--iters", "1",
+             *args], capture_output=True, text=True, timeout=300, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    lines = check("--stack", "1,2", "--noise", "0.1")
     assert [(x["form"], x["stack"]) for x in lines] == [
         ("blocked", 1), ("fused", 1), ("blocked", 2), ("fused", 2)]
     assert all("error" not in x and x["ms_per_pass"] > 0 for x in lines)
     assert max(lines[1]["max_rel_diff"].values()) < 1e-5
     # In bfloat16 (the kernels store the pooled map so): the same forms, within
     # bfloat16's rounding.
-    done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "stem_check.py"), "--forms", "blocked,fused",
-         "--batch", "2", "--length", "3", "--size", "21", "--stack", "1", "--iters", "1",
-         "--dtype", "bfloat16"],
-        capture_output=True, text=True, timeout=300, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    lines = check("--stack", "1", "--dtype", "bfloat16")
     assert [(x["form"], x["dtype"]) for x in lines] == [("blocked", "bfloat16"),
                                                        ("fused", "bfloat16")]
     assert "error" not in lines[1] and max(lines[1]["max_rel_diff"].values()) < 0.02
