@@ -12,10 +12,11 @@ On a GPU, "fused" is the Pallas kernels of `embedding.stem_impl = "pallas"`
 XLA form a GPU runs by default; "blocked" is the CPU's form. The images are
 random binary ones (Omniglot's pixels are 0/1), plus Gaussian noise of
 `--noise`. `--dtype` is the model's compute dtype (`model.dtype`); in
-bfloat16 the forms differ by bfloat16's rounding. Differences are relative to the largest magnitude of the first
-form's array (max |a - b| / max |b|). `--fused-tiles` runs the fused form
-once per TILE x BACKWARD_SPLITS of model/stem_fused.py (pooled positions per
-program, programs per image in the backward pass), named "fused:TxS".
+bfloat16 the forms differ by bfloat16's rounding. Differences are relative
+to the largest magnitude of the first form's array (max |a - b| / max |b|).
+`--fused-tiles` runs the fused form once per TILE x BACKWARD_SPLITS of
+model/stem_fused.py (pooled positions per program, programs per image in the
+backward pass), named "fused:TxS".
 """
 
 from __future__ import annotations
