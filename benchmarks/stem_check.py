@@ -42,15 +42,15 @@ def _stem_parts(seed: int):
 
 def _step(form: str, new_state, dtype=jnp.float32):
     """value_and_grad of a fixed weighting of the stem's output, over a batch
-    of sequences (the model's batch vmap, statistics over the batch)."""
+    of sequences (all their images in one call, as the model's encoder runs,
+    statistics over the batch)."""
     from eicl_cli.model.encoders import _stem
 
     def loss(params, images):
         conv, norm = params
         state = new_state()  # a State is used once
-        out, state = jax.vmap(
-            lambda x: _stem(conv, norm, x, state, inference=False, dtype=dtype, form=form),
-            axis_name="batch", out_axes=(0, None))(images)
+        out, state = _stem(conv, norm, images.reshape(-1, *images.shape[2:]), state,
+                           inference=False, dtype=dtype, form=form)
         weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32) * 0.01).reshape(out.shape)
         return (out * weights).sum() / out.shape[0], (out.astype(jnp.float32), state)
 

@@ -152,9 +152,9 @@ def test_paper_model_shapes_on_full_size_and_downsampled_images():
         examples = jnp.zeros((2, 9) + shape)
         labels = jnp.zeros((2, 9), jnp.int32)
         feats, _ = eqx.filter_eval_shape(
-            lambda m, s: jax.vmap(lambda x: m.encoder(x, s, inference=False),
-                                  axis_name="batch")(examples), model, state)
-        assert feats.shape == (2, 9, 64)
+            lambda m, s: m.encoder(examples.reshape(18, *shape), s, inference=False),
+            model, state)
+        assert feats.shape == (18, 64)
         logits, _ = eqx.filter_eval_shape(
             lambda m, s: forward_batch(m, s, examples, labels, key=None, inference=False),
             model, state)
@@ -167,9 +167,8 @@ def test_flatten_superpixels_needs_a_four_by_four_map():
     assert model.encoder.blocks[-1].convs[-1].weight.shape[-1] == 4
     images = jnp.zeros((2, 3, 105, 105))
     feats, _ = eqx.filter_eval_shape(
-        lambda m, s: jax.vmap(lambda x: m.encoder(x, s, inference=False),
-                              axis_name="batch")(images), model, state)
-    assert feats.shape == (2, 3, 64)
+        lambda m, s: m.encoder(images.reshape(6, 105, 105), s, inference=False), model, state)
+    assert feats.shape == (6, 64)
     with pytest.raises(EiclError, match="flatten_superpixels"):
         build_model(cfg, jax.random.PRNGKey(0), (28, 28))
     with pytest.raises(EiclError, match=">= 4"):
@@ -500,7 +499,8 @@ def test_normalize_examples_gives_every_image_token_the_same_scale():
     # Faint and heavy images (a tenth and ten times the ink) give embeddings
     # of very different sizes, and tokens of the same size.
     x = jnp.stack([0.1 * examples[0], 10.0 * examples[0]])
-    h, _ = jax.vmap(lambda e: model.encoder(e, state, inference=True), axis_name="batch")(x)
+    h, _ = model.encoder(x.reshape(-1, *x.shape[2:]), state, inference=True)
+    h = h.reshape(*x.shape[:2], -1)
     sizes = np.asarray(h.std(-1))
     assert sizes[1].min() > 5 * sizes[0].max()
     normed = np.asarray(model.example_norm(h))

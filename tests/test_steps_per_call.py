@@ -84,25 +84,30 @@ def test_steps_per_call_follows_one_step_per_call_and_resumes_exactly(data_dir: 
         for k in ("loss", "accuracy_query"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
     assert [s for s, _ in runs.list_checkpoints(tmp_path / "whole")] == [6, 12]
-    c1 = tensors(runs.checkpoint_path(tmp_path / "one", 12))
-    c3 = tensors(runs.checkpoint_path(tmp_path / "whole", 12))
-    assert c1.keys() == c3.keys() and any(k.startswith("state.") for k in c1)
-    for name in c1:
-        # The loop's body may round differently from the lone step. The stem
-        # convolution's weights drift apart the most (1.1e-5 at step 12 here,
-        # in one channel; every other parameter within 1e-7): its gradient
-        # goes through the max pool's choice in each window, where the two
-        # roundings can decide a near-tie apart.
-        atol = 3e-5 if name == "params.encoder.initial_conv.weight" else 1e-6
-        np.testing.assert_allclose(c3[name], c1[name], rtol=1e-4, atol=atol, err_msg=name)
+    # The loop's body may round differently from the lone step. At step 6
+    # every parameter and statistic is within 3e-7 of the one-step run. By
+    # step 12 this run is chaotic at the rounding level: the one-step run
+    # itself, with its learning rate moved by one part in 1e7, ends up to
+    # 4.8e-5 away (the stem's weights and the batch-norm statistics: their
+    # gradients go through the max pool's choice in each window, and two
+    # roundings can decide a near-tie apart). One step more or less moves
+    # half the parameters by 4.6e-3 or more, and a running mean by 0.1.
+    for step, atol in ((6, 1e-6), (12, 2e-4)):
+        c1 = tensors(runs.checkpoint_path(tmp_path / "one", step))
+        c3 = tensors(runs.checkpoint_path(tmp_path / "whole", step))
+        assert c1.keys() == c3.keys() and any(k.startswith("state.") for k in c1)
+        for name in c1:
+            np.testing.assert_allclose(c3[name], c1[name], rtol=1e-4, atol=atol,
+                                       err_msg=f"{name} at step {step}")
 
     # Stopped at step 6 and resumed: bit for bit the uninterrupted run.
     half = tiny(data_dir, *MODEL, *SGD, "run.steps=6", "train.steps_per_call=3")
     assert train_run(half, tmp_path / "split").step == 6
     assert train_run(three, tmp_path / "split", resume=True).step == 12
     split = tensors(runs.checkpoint_path(tmp_path / "split", 12))
-    for name in c3:
-        assert np.array_equal(split[name], c3[name]), name
+    whole = tensors(runs.checkpoint_path(tmp_path / "whole", 12))
+    for name in whole:
+        assert np.array_equal(split[name], whole[name]), name
     # Its log intervals end at 4, 6 (the first leg's end), 8 and 12; those of
     # whole steps (4 and 12) hold the same numbers as the uninterrupted run's.
     strip = ("time", "steps_per_s", "sequences_per_s")

@@ -1,7 +1,5 @@
 """The Equinox model of SPEC 6: example encoder, tokens, transformer or RNN, head."""
 
-from .model import (BATCH_AXIS, Model, build_model, default_image_shape, forward_batch,
-                    parameter_counts)
+from .model import Model, build_model, default_image_shape, forward_batch, parameter_counts
 
-__all__ = ["BATCH_AXIS", "Model", "build_model", "default_image_shape", "forward_batch",
-           "parameter_counts"]
+__all__ = ["Model", "build_model", "default_image_shape", "forward_batch", "parameter_counts"]

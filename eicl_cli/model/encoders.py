@@ -1,16 +1,16 @@
 """Example encoders: one image (or symbol) per sequence item -> an emb_dim vector.
 
-Every encoder maps a whole sequence at once, (L, H, W) float images or (L,)
-int symbols -> (L, out_dim), so convolutions run as one batched op and batch
-norm can reduce over the L images of the sequence and, through the named vmap
-axis, over the sequences of the batch.
+Every encoder maps many items at once, (N, H, W) float images or (N,) int
+symbols -> (N, out_dim): the model passes all the images of a batch (N = B x
+L), so convolutions run as one batched op and batch norm reduces over the
+whole batch.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -20,8 +20,8 @@ from jax import lax
 from ..config import CONV_IMPLS, STEM_IMPLS
 from ..errors import EiclError
 from . import stem_blocked, stem_fused
-from .layers import (BatchNorm, Dense, fan_in_init, same_out, same_pads, split, truncated_normal,
-                     zeros)
+from .layers import (BatchNorm, Dense, affine, fan_in_init, same_out, same_pads, split,
+                     truncated_normal, zeros)
 from .pooling import signed_max_pool
 from .stem_blocked import tap_gather
 
@@ -223,44 +223,7 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
         pooled, mean, mean_sq = lax.platform_dependent(images, conv.weight, sign, **branches)
     mean, var, state = norm.statistics_from_moments(mean, mean_sq, state, inference=inference)
     a = norm.multiplier(var)
-    return _affine_relu(pooled, sign * mean, a * sign, norm.offset, jnp.dtype(dtype)), state
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _affine_relu(x: jax.Array, center: jax.Array, scale: jax.Array, offset: jax.Array,
-                 dtype) -> jax.Array:
-    """relu((x - center) * scale + offset) in float32, as `dtype`; per-channel
-    center, scale and offset: the stem's batch norm and ReLU on its pooled map.
-
-    The gradient takes both per-channel sums (for the offset, and for the
-    scale and center) as one reduction of two operands, beside x's
-    gradient. Left to autodiff they were two reductions, and XLA's GPU
-    compiler made two passes over the pooled map's gradient, the second
-    reading back a mask the first wrote. On an H100 target, per step: the
-    paper config 4.32 -> 4.20 GB, 8 stacked with the fused stem 24.11 ->
-    23.26 GB (bfloat16: 13.43 -> 13.23)."""
-    return _affine_relu_fwd(x, center, scale, offset, dtype)[0]
-
-
-def _affine_relu_fwd(x, center, scale, offset, dtype):
-    out = jax.nn.relu((x - center) * scale + offset).astype(dtype)
-    # The ReLU's mask comes from its output, as autodiff's would: made again
-    # from x in another fusion, its rounding (a fused multiply-add or not)
-    # could decide a value at the kink the other way.
-    return out, (x, center, scale, offset, out)
-
-
-def _affine_relu_bwd(dtype, res, g):
-    x, center, scale, offset, out = res
-    xc = x - center
-    g = jnp.where(out > 0, g.astype(jnp.float32), 0.0)
-    axes = tuple(range(g.ndim - 1))
-    d_offset, d_scale = lax.reduce((g, g * xc), (0.0, 0.0),
-                                   lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
-    return ((g * scale).astype(x.dtype), -scale * d_offset, d_scale, d_offset)
-
-
-_affine_relu.defvjp(_affine_relu_fwd, _affine_relu_bwd)
+    return affine(pooled, sign * mean, a * sign, norm.offset, jnp.dtype(dtype), True), state
 
 
 class BottleneckBlock(eqx.Module):
@@ -273,15 +236,14 @@ class BottleneckBlock(eqx.Module):
     shortcut: tuple[Conv2D, BatchNorm] | None
 
     def __init__(self, n_in: int, channels: int, stride: int, projection: bool,
-                 key: jax.Array, axis_name: Hashable | None, gemm: bool = False):
+                 key: jax.Array, gemm: bool = False):
         k0, k1, k2, kp = split(key, 4)
         mid = channels // 4
         self.convs = (Conv2D(n_in, mid, 1, 1, k0), Conv2D(mid, mid, 3, stride, k1, gemm=gemm),
                       Conv2D(mid, channels, 1, 1, k2))
-        self.norms = (BatchNorm(mid, axis_name=axis_name), BatchNorm(mid, axis_name=axis_name),
-                      BatchNorm(channels, axis_name=axis_name, zero_scale=True))
+        self.norms = (BatchNorm(mid), BatchNorm(mid), BatchNorm(channels, zero_scale=True))
         self.shortcut = ((Conv2D(n_in, channels, 1, stride, kp),
-                          BatchNorm(channels, axis_name=axis_name)) if projection else None)
+                          BatchNorm(channels)) if projection else None)
 
     def __call__(self, x, state, *, inference: bool, dtype):
         shortcut = x
@@ -301,9 +263,7 @@ class BottleneckBlock(eqx.Module):
         out = x
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             out = first if i == 0 and first is not None else conv(out, dtype)
-            out, state = norm(out, state, inference=inference)
-            if i < 2:
-                out = jax.nn.relu(out)
+            out, state = norm(out, state, inference=inference, relu=i < 2)
         return jax.nn.relu(out + shortcut), state
 
 
@@ -326,16 +286,16 @@ class ResNetEncoder(eqx.Module):
 
     def __init__(self, blocks_per_group: Sequence[int], channels_per_group: Sequence[int],
                  key: jax.Array, *, flatten_superpixels: bool = False,
-                 axis_name: Hashable | None = "batch", strides: Sequence[int] = (1, 2, 2, 2),
+                 strides: Sequence[int] = (1, 2, 2, 2),
                  gemm: bool = False, stem_impl: str = "auto"):
         keys = split(key, 1 + sum(blocks_per_group))
         self.initial_conv = Conv2D(1, 64, 7, 2, keys[0], reads_images=True, gemm=gemm)
-        self.initial_norm = BatchNorm(64, axis_name=axis_name)
+        self.initial_norm = BatchNorm(64)
         blocks, n_in, k = [], 64, 1
         for n_blocks, channels, stride in zip(blocks_per_group, channels_per_group, strides):
             for b in range(n_blocks):
                 blocks.append(BottleneckBlock(n_in, channels, stride if b == 0 else 1,
-                                              b == 0, keys[k], axis_name, gemm))
+                                              b == 0, keys[k], gemm))
                 n_in, k = channels, k + 1
         self.blocks = tuple(blocks)
         self.flatten_superpixels = flatten_superpixels
@@ -419,7 +379,7 @@ def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | Non
                   channels_per_group: Sequence[int] = (16, 32, 32),
                   conv_channels: Sequence[int] = (32, 32, 32),
                   flatten_superpixels: bool = False, symbolic_vocab: int = 0,
-                  axis_name: Hashable | None = "batch", conv_impl: str = "xla",
+                  conv_impl: str = "xla",
                   stem_impl: str = "auto") -> Encoder:
     """The example encoder named `name`, producing emb_dim features per item.
     conv_impl: "xla" (XLA's convolution) or "gemm" (see Conv2D); stem_impl:
@@ -459,7 +419,7 @@ def build_encoder(name: str, *, emb_dim: int, image_shape: tuple[int, ...] | Non
                 f"emb_dim{' / 16' if flatten_superpixels else ''}) must all be >= 4: "
                 "each bottleneck block narrows to channels / 4")
         return ResNetEncoder(blocks_per_group, channels, key,
-                             flatten_superpixels=flatten_superpixels, axis_name=axis_name,
+                             flatten_superpixels=flatten_superpixels,
                              gemm=gemm, stem_impl=stem_impl)
     if name == "linear":
         return LinearEncoder(math.prod(image_shape), emb_dim, key)

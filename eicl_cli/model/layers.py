@@ -8,8 +8,8 @@ float32 and are cast on use).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Hashable
 
 import equinox as eqx
 import jax
@@ -145,14 +145,13 @@ class LayerNorm(eqx.Module):
 class BatchNorm(eqx.Module):
     """Haiku-style batch norm over every axis but the last (channels).
 
-    Training: normalise with the statistics of this call, reduced over the
-    local axes (the images of one sequence and their pixels) and then averaged
-    over the named vmap axis `axis_name` (the sequences of the batch), so the
-    statistics are those of the whole batch of images, as hk.BatchApply gives
-    the original. The running averages are Haiku's zero-debiased exponential
-    moving averages (hidden = decay * hidden + (1 - decay) * value, average =
-    hidden / (1 - decay ** count)), kept in the Equinox state.
-    Inference: normalise with those running averages.
+    Training: normalise with the statistics of this call, reduced over every
+    other axis. The model calls its encoder on all the images of a batch at
+    once, as hk.BatchApply does in the original, so these are the statistics
+    of the whole batch. The running averages are Haiku's zero-debiased
+    exponential moving averages (hidden = decay * hidden + (1 - decay) *
+    value, average = hidden / (1 - decay ** count)), kept in the Equinox
+    state. Inference: normalise with those running averages.
     """
 
     scale: jax.Array
@@ -160,10 +159,9 @@ class BatchNorm(eqx.Module):
     stats: eqx.nn.StateIndex
     decay: float = eqx.field(static=True)
     eps: float = eqx.field(static=True)
-    axis_name: Hashable | None = eqx.field(static=True)
 
     def __init__(self, channels: int, *, decay: float = 0.9, eps: float = 1e-5,
-                 axis_name: Hashable | None = "batch", zero_scale: bool = False):
+                 zero_scale: bool = False):
         self.scale = (zeros if zero_scale else ones)((channels,))
         self.offset = zeros((channels,))
         self.stats = eqx.nn.StateIndex((
@@ -173,7 +171,6 @@ class BatchNorm(eqx.Module):
         ))
         self.decay = decay
         self.eps = eps
-        self.axis_name = axis_name
 
     def running_averages(self, state: eqx.nn.State) -> tuple[jax.Array, jax.Array]:
         hidden_mean, hidden_var, count = state.get(self.stats)
@@ -182,49 +179,135 @@ class BatchNorm(eqx.Module):
         debias = jnp.where(count > 0, debias, 1.0)
         return hidden_mean / debias, hidden_var / debias
 
-    def statistics(self, x: jax.Array, state: eqx.nn.State, *, inference: bool
-                   ) -> tuple[jax.Array, jax.Array, eqx.nn.State]:
-        """(mean, var, new state): this batch's statistics in training (and the
-        running-average update), the running averages at inference."""
-        if inference:
-            mean, var = self.running_averages(state)
-            return mean, var, state
-        x32 = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        return self.statistics_from_moments(x32.mean(axes), jnp.square(x32).mean(axes), state,
-                                            inference=False)
-
     def statistics_from_moments(self, mean: jax.Array | None, mean_sq: jax.Array | None,
                                 state: eqx.nn.State, *, inference: bool
                                 ) -> tuple[jax.Array, jax.Array, eqx.nn.State]:
-        """statistics() from this call's per-channel mean and mean square over
-        its local axes (None at inference, where the running averages serve)."""
+        """(mean, var, new state) from the batch's per-channel mean and mean
+        square in training, with the running averages updated; the running
+        averages at inference (pass None for the moments there)."""
         if inference:
             mean, var = self.running_averages(state)
             return mean, var, state
-        if self.axis_name is not None:
-            # Every sequence holds the same number of images and pixels,
-            # so the mean of the per-sequence means is the batch mean.
-            mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
         var = mean_sq - jnp.square(mean)
-        hidden_mean, hidden_var, count = state.get(self.stats)
-        d = self.decay
-        state = state.set(self.stats, (
-            d * hidden_mean + (1.0 - d) * lax.stop_gradient(mean),
-            d * hidden_var + (1.0 - d) * lax.stop_gradient(var),
-            count + 1,
-        ))
-        return mean, var, state
+        return mean, var, self._update(state, mean, var)
 
     def multiplier(self, var: jax.Array) -> jax.Array:
         """scale / sqrt(var + eps): the per-channel slope of the normalisation."""
         return self.scale * lax.rsqrt(var + self.eps)
 
-    def __call__(self, x: jax.Array, state: eqx.nn.State, *, inference: bool
-                 ) -> tuple[jax.Array, eqx.nn.State]:
-        mean, var, state = self.statistics(x, state, inference=inference)
-        y = (x.astype(jnp.float32) - mean) * self.multiplier(var) + self.offset
-        return y.astype(x.dtype), state
+    def __call__(self, x: jax.Array, state: eqx.nn.State, *, inference: bool,
+                 relu: bool = False) -> tuple[jax.Array, eqx.nn.State]:
+        """Normalise x, and apply a ReLU after when asked (its mask then
+        comes into batch norm's own backward pass)."""
+        if inference:
+            mean, var = self.running_averages(state)
+            return affine(x, mean, self.multiplier(var), self.offset, x.dtype, relu), state
+        out, mean, var = normalize(x, self.scale, self.offset, self.eps, relu)
+        return out, self._update(state, mean, var)
+
+    def _update(self, state: eqx.nn.State, mean: jax.Array, var: jax.Array) -> eqx.nn.State:
+        hidden_mean, hidden_var, count = state.get(self.stats)
+        d = self.decay
+        return state.set(self.stats, (
+            d * hidden_mean + (1.0 - d) * lax.stop_gradient(mean),
+            d * hidden_var + (1.0 - d) * lax.stop_gradient(var),
+            count + 1,
+        ))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float, relu: bool
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch norm in training, with a ReLU after if `relu`: (out, mean, var),
+    the statistics per channel over every axis but the last, in float32, and
+    out in x's dtype.
+
+    Its gradient is the textbook one, in two passes over x-sized arrays: one
+    reduction for both per-channel sums, then x's gradient. Left to autodiff,
+    XLA's GPU compiler also wrote and read back the gradient of the affine
+    map on its own, and launched more kernels: about 60 fewer per paper step
+    on an H100 target."""
+    return _normalize_fwd(x, scale, offset, eps, relu)[0]
+
+
+def _normalize_fwd(x, scale, offset, eps, relu):
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean, mean_sq = x32.mean(axes), jnp.square(x32).mean(axes)
+    var = mean_sq - jnp.square(mean)
+    rstd = lax.rsqrt(var + eps)
+    out = _affine_fwd(x, mean, scale * rstd, offset, x.dtype, relu)[0]
+    return (out, mean, var), (x, scale, mean, rstd, out if relu else None)
+
+
+def _normalize_bwd(eps, relu, res, cts):
+    x, scale, mean, rstd, out = res
+    g, g_mean, g_var = cts
+    n = math.prod(x.shape[:-1])
+    g, xc, d_offset, d_xc = _affine_sums(x, mean, g, out if relu else None)
+    # out = xc * scale * rstd + offset, with mean and rstd functions of x.
+    dx = (scale * rstd) * (g - d_offset / n - xc * (rstd * rstd) * (d_xc / n))
+    dx = dx + g_mean / n + g_var * 2.0 * xc / n
+    return dx.astype(x.dtype), d_xc * rstd, d_offset
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def affine(x: jax.Array, center: jax.Array, scale: jax.Array, offset: jax.Array,
+           dtype, relu: bool) -> jax.Array:
+    """(x - center) * scale + offset in float32, through a ReLU if `relu`,
+    as `dtype`; per-channel center, scale and offset (batch norm's map).
+
+    The gradient takes both per-channel sums (for the offset, and for the
+    scale and center) as one reduction of two operands, beside x's
+    gradient. Left to autodiff they were two reductions, which XLA's GPU
+    compiler made two passes over the output's gradient, the second reading
+    back a mask the first wrote."""
+    return _affine_fwd(x, center, scale, offset, dtype, relu)[0]
+
+
+def _affine_fwd(x, center, scale, offset, dtype, relu):
+    out = (x.astype(jnp.float32) - center) * scale + offset
+    out = (jax.nn.relu(out) if relu else out).astype(dtype)
+    # The ReLU's mask comes from its output, as autodiff's would: made again
+    # from x in another fusion, its rounding (a fused multiply-add or not)
+    # could decide a value at the kink the other way.
+    return out, (x, center, scale, offset, out if relu else None)
+
+
+def _affine_bwd(dtype, relu, res, g):
+    x, center, scale, offset, out = res
+    g, _, d_offset, d_scale = _affine_sums(x, center, g, out)
+    return ((g * scale).astype(x.dtype), -scale * d_offset, d_scale, d_offset)
+
+
+def _affine_sums(x, center, g, relu_out):
+    """(g through the ReLU's mask, x - center, and the per-channel sums of
+    the first and of the product of both), all float32; relu_out None: no
+    ReLU."""
+    xc = x.astype(jnp.float32) - center
+    g = g.astype(jnp.float32)
+    if relu_out is not None:
+        g = jnp.where(relu_out > 0, g, 0.0)
+    axes = tuple(range(g.ndim - 1))
+    sums = lax.platform_dependent(g, xc, cpu=functools.partial(_two_sums, axes=axes),
+                                  default=functools.partial(_one_pass, axes=axes))
+    return g, xc, *sums
+
+
+def _one_pass(g, xc, axes):
+    return lax.reduce((g, g * xc), (0.0, 0.0), lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
+
+
+def _two_sums(g, xc, axes):
+    # XLA's CPU backend ran the two-operand reduction 1.7x slower than two
+    # plain sums on a (288, 27, 27, 64) map.
+    return g.sum(axes), (g * xc).sum(axes)
+
+
+affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 def dropout(key: jax.Array | None, rate: float, x: jax.Array) -> jax.Array:

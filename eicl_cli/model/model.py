@@ -1,8 +1,9 @@
 """The whole model: encoder -> tokens -> sequence model -> dense head.
 
 `Model.__call__` handles ONE sequence; `forward_batch` is the one way the rest
-of eicl runs a batch (vmap over sequences with the axis name that batch norm
-reduces over).
+of eicl runs a batch: the encoder on all of its images at once (so batch norm
+reduces over the whole batch, as hk.BatchApply gives the original), then the
+rest vmapped over sequences.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .rnn import RNNStack
 from .tokens import LABEL_TABLE_STD, Tokenizer, image_positions
 from .transformer import Transformer
 
-BATCH_AXIS = "batch"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -55,12 +55,27 @@ class Model(eqx.Module):
         the query's logits alone: the head is a per-token dense layer, so the
         numbers are the same, but with thousands of classes it is most of the
         step's work and the query-only loss and all metrics need no more."""
+        h, state = self.encode(examples, state, inference=inference)
+        return self.read(h, labels, key=key, inference=inference, pos_key=pos_key,
+                         query_only=query_only), state
+
+    def encode(self, examples: jax.Array, state: eqx.nn.State, *, inference: bool
+               ) -> tuple[jax.Array, eqx.nn.State]:
+        """Examples of any number of sequences, (N, H, W) or (N,) -> features
+        (N, emb_dim) in the compute dtype, and the new state; batch norm's
+        statistics are those of all N."""
+        return self.encoder(examples, state, inference=inference,
+                            dtype=_DTYPES[self.compute_dtype])
+
+    def read(self, h: jax.Array, labels: jax.Array, *, key: jax.Array | None, inference: bool,
+             pos_key: jax.Array | None = None, query_only: bool = False) -> jax.Array:
+        """One sequence's encoded examples h (L, emb_dim) and labels (L,) ->
+        logits, as __call__ returns them."""
         dtype = _DTYPES[self.compute_dtype]
         if key is not None:
             k_example, k_pos, k_core = jax.random.split(key, 3)
         else:
             k_example = k_pos = k_core = None
-        h, state = self.encoder(examples, state, inference=inference, dtype=dtype)
         if self.example_norm is not None:
             h = self.example_norm(h)
         # As the original, example dropout is noise on the inputs, not a
@@ -76,7 +91,7 @@ class Model(eqx.Module):
             logits = self.head(out[positions], self.tokenizer.label_table, dtype)
         else:
             logits = self.head(out[positions], dtype)
-        return logits.astype(jnp.float32), state
+        return logits.astype(jnp.float32)
 
 
 def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels: jax.Array,
@@ -94,12 +109,17 @@ def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels
         pos_key, k_seq = jax.random.split(key)
         seq_keys = jax.random.split(k_seq, n)
 
-    def one(ex, lab, k):
-        return model(ex, lab, state, key=k, inference=inference, pos_key=pos_key,
-                     query_only=query_only)
+    h, state = model.encode(examples.reshape(-1, *examples.shape[2:]), state,
+                            inference=inference)
+    h = h.reshape(n, -1, *h.shape[1:])
 
-    return jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None),
-                    out_axes=(0, None), axis_name=BATCH_AXIS)(examples, labels, seq_keys)
+    def one(h, lab, k):
+        return model.read(h, lab, key=k, inference=inference, pos_key=pos_key,
+                          query_only=query_only)
+
+    logits = jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None))(
+        h, labels, seq_keys)
+    return logits, state
 
 
 def default_image_shape(cfg: Config) -> tuple[int, int] | None:
@@ -126,7 +146,7 @@ def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None
         blocks_per_group=e.resnet_blocks_per_group,
         channels_per_group=e.resnet_channels_per_group, conv_channels=e.conv_channels,
         flatten_superpixels=e.flatten_superpixels, symbolic_vocab=cfg.data.symbolic_classes,
-        axis_name=BATCH_AXIS, conv_impl=e.conv_impl, stem_impl=e.stem_impl)
+        conv_impl=e.conv_impl, stem_impl=e.stem_impl)
     tokenizer = Tokenizer(num_classes, e.emb_dim, k_lab,
                           concatenate_labels=e.concatenate_labels,
                           use_positional_encodings=e.use_positional_encodings,

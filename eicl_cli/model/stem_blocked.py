@@ -18,10 +18,11 @@ taps, y = T W, so d(sum y)/dW = T^T 1 = s and d(sum y^2)/dW = 2 T^T T W =
 2 G W, from the taps' sums and Gram matrix (kernel taps x kernel taps), made
 in the same pass. For binary images G and s are exact integer counts.
 
-The functions take one sequence's images, (L, H, W), as the model's
-per-example code calls them; under the batch's vmap a custom batching rule
-runs all B x L images as one flat array in blocks that never straddle two
-sequences, and returns per-sequence results, as vmap requires.
+The functions take the images of one call, (N, H, W): the model's encoder
+passes all the images of a batch. Under a vmap (sweep --stack's runs) a
+custom batching rule runs all of them as one flat array in blocks that
+never straddle two of the vmapped calls, and returns per-call results, as
+vmap requires.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def tap_gather(x: jax.Array, kh: int, kw: int, stride: int, *, taps_last: bool) 
 
 
 def _block_size(group: int, pixels_per_image: int) -> int:
-    """The most images per block, dividing the sequence length `group`, whose
+    """The most images per block, dividing `group` (the images of one call), whose
     map stays within BLOCK_PIXELS (at least one)."""
     fits = [d for d in range(1, group + 1)
             if group % d == 0 and d * pixels_per_image <= BLOCK_PIXELS]
@@ -133,8 +134,8 @@ def _backward(x: jax.Array, code: jax.Array, g: jax.Array, kernel: tuple[int, in
 def _flat_rule(one, flat_call, per_image: int):
     """A custom_vmap rule: batched images (B, L, H, W) and the other
     per-image arguments among the first `per_image` run as B * L flat ones in
-    groups of L, per-sequence results come back batched. Anything else
-    batched (per-example weights) is rare enough for a plain vmap of `one`."""
+    groups of L, per-call results come back batched. Anything else batched
+    (per-run weights) falls back to a plain vmap of `one`."""
     def rule(axis_size, in_batched, x, *rest):
         if not all(in_batched[:per_image]) or any(in_batched[per_image:]):
             axes = tuple(0 if b else None for b in in_batched)
@@ -177,9 +178,9 @@ def _kernels(stride: int, stats: bool, kernel: tuple[int, int]):
 def conv_pool(x: jax.Array, w: jax.Array, sign: jax.Array, stride: int, stats: bool
               ) -> tuple[jax.Array, ...]:
     """(pooled, [y_sum, y_sq_sum]): the 3 x 3 stride-2 SAME max pool of
-    sign * y, y the SAME convolution of one sequence's images x (L, H, W)
+    sign * y, y the SAME convolution of one call's images x (N, H, W)
     with w (kh, kw, 1, C) at `stride`; with `stats` y's per-channel sums of
-    y and y^2 over the L images. Differentiable in w only: the images are
+    y and y^2 over the N images. Differentiable in w only: the images are
     data, the sign is constant."""
     return _conv_pool(x, w, sign, stride, stats, tuple(w.shape[:2]))
 
@@ -212,8 +213,8 @@ def pool_and_moments(images: jax.Array, w: jax.Array, sign: jax.Array, stride: i
                      stats: bool, conv=None, out_dtype=jnp.float32
                      ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(pooled, mean, mean square): the signed max pool of the convolution
-    of one sequence's images (L, H, W) with w (kh, kw, 1, C), and with
-    `stats` the map's per-channel mean and mean square over the L images
+    of one call's images (N, H, W) with w (kh, kw, 1, C), and with
+    `stats` the map's per-channel mean and mean square over the N images
     (None without), computed in float32; the pooled map is returned as
     `out_dtype`. `conv`: the conv_pool to run (this module's by default;
     stem_fused passes its kernels', which store it so themselves)."""

@@ -22,9 +22,9 @@ float32 precision (TF32 tensor cores on recent NVIDIA GPUs, as XLA's own
 convolutions there). Off a GPU they run in Pallas's interpreter, which is
 how the tests check them.
 
-The functions take one sequence's images (L, H, W), as the model's
-per-example code calls them; vmap (the batch, stacked runs) becomes an extra
-grid axis of the kernels.
+The functions take the images of one call (N, H, W), as the model's encoder
+passes a whole batch's; vmap (sweep --stack's runs) becomes an extra grid
+axis of the kernels.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def conv_pool(x: jax.Array, w: jax.Array, sign: jax.Array, stride: int, stats: b
               out_dtype, interpret: bool) -> tuple[jax.Array, ...]:
     """(pooled, [y_sum, y_sq_sum]) as stem_blocked.conv_pool: the 3 x 3
     stride-2 SAME max pool of sign * y, y the SAME convolution of one
-    sequence's images x (L, H, W) with w (kh, kw, 1, C); with `stats` y's
+    call's images x (N, H, W) with w (kh, kw, 1, C); with `stats` y's
     per-channel sums of y and y^2. Differentiable in w only. The products,
     the maximum and the sums are float32; the pooled map is stored as
     `out_dtype` (its gradient comes in that dtype too). Rounding commutes
