@@ -7,9 +7,13 @@ body counted once per layer, grouped by kind and by the source that made
 them (the innermost eicl_cli file and function, or optax), with the bytes
 each one reads and writes. A change to the model or the step can be checked
 here for what it does to the GPU program before a GPU is lent.
+`--save FILE` keeps the per-step totals and sources as JSON and `--against
+FILE` prints what moved since: run the old code with --save and the new
+with --against, each from its own checkout.
 
     python benchmarks/gpu_program.py configs/images_all_exemplars.toml [--set k=v ...]
         [--stack K] [--target h100|h200] [--top N] [--hlo FILE]
+        [--save FILE] [--against FILE]
 
 Needs a JAX with its CUDA plugin, of the JAX version eicl runs on (a second
 virtual environment will do): pip install "jax[cuda12]==$(python -c 'import
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import sys
@@ -272,6 +277,40 @@ def report(kernels: list[Kernel], bandwidth: float, top: int, steps: int = 1) ->
     return "\n".join(lines)
 
 
+def summary(kernels: list[Kernel], steps: int = 1) -> dict:
+    """Launches and bytes per step, in all and by source (as report()
+    groups them): what --save writes and --against reads."""
+    by_source: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for k in kernels:
+        g = by_source[f"{k.source} {'backward' if k.backward else 'forward'}"]
+        g[0] += k.launches / steps
+        g[1] += k.launches * k.bytes / steps
+    return {"launches": sum(k.launches for k in kernels) / steps,
+            "bytes": sum(k.launches * k.bytes for k in kernels) / steps,
+            "by_source": dict(by_source)}
+
+
+def compare(before: dict, after: dict, top: int) -> str:
+    """The change from one summary to another: totals, then the sources whose
+    bytes or launches moved most."""
+    lines = [f"against {before.get('label', 'the saved program')}: "
+             f"{before['launches']:.5g} -> {after['launches']:.5g} launches per step, "
+             f"{before['bytes'] / 1e9:.2f} -> {after['bytes'] / 1e9:.2f} GB",
+             f"\n{'launches':>9} {'MB':>9}  change by source (before -> after)"]
+    names = set(before["by_source"]) | set(after["by_source"])
+    rows = []
+    for name in names:
+        (n0, b0), (n1, b1) = (s["by_source"].get(name, (0.0, 0.0)) for s in (before, after))
+        if abs(n1 - n0) >= 0.5 or abs(b1 - b0) >= 0.5e6:
+            rows.append((n1 - n0, b1 - b0, name, b0, b1))
+    rows.sort(key=lambda r: (-abs(r[1]), -abs(r[0]), r[2]))
+    for dn, db, name, b0, b1 in rows[:top]:
+        lines.append(f"{dn:+9.4g} {db / 1e6:+9.1f}  {name} ({b0 / 1e6:.1f} -> {b1 / 1e6:.1f} MB)")
+    if not rows:
+        lines.append("(no source moved by half a launch or 0.5 MB)")
+    return "\n".join(lines)
+
+
 def compile_step(config: Path, overrides: list[str], stack: int, target: str) -> tuple[str, int]:
     """The optimized HLO text of the config's training step (one device call:
     train.steps_per_call steps) for the target GPU, and its steps per call."""
@@ -309,7 +348,13 @@ def main() -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), default="h100")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--hlo", type=Path, help="also write the optimized HLO text here")
+    parser.add_argument("--save", type=Path,
+                        help="write the per-step totals and sources here (JSON)")
+    parser.add_argument("--against", type=Path,
+                        help="compare with a program --save wrote (another version of "
+                             "the code, or other --set values)")
     args = parser.parse_args()
+    before = json.loads(args.against.read_text()) if args.against else None
     # Compile for CUDA while computing (data, initial state) on the CPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
@@ -322,7 +367,15 @@ def main() -> None:
         args.hlo.write_text(text)
     print(f"{args.config.name} {' '.join(args.overrides)} stack {args.stack}, "
           f"compiled for {TARGETS[args.target]['name']} in {time.perf_counter() - started:.0f} s")
-    print(report(Program(text).kernels(), TARGETS[args.target]["bandwidth"], args.top, per_call))
+    kernels = Program(text).kernels()
+    print(report(kernels, TARGETS[args.target]["bandwidth"], args.top, per_call))
+    mine = summary(kernels, per_call)
+    mine["label"] = (f"{args.config.name} {' '.join(args.overrides)} stack {args.stack} "
+                     f"({args.target})").replace("  ", " ")
+    if args.save:
+        args.save.write_text(json.dumps(mine, indent=1) + "\n")
+    if before is not None:
+        print("\n" + compare(before, mine, args.top))
 
 
 if __name__ == "__main__":

@@ -77,3 +77,19 @@ def test_kernels_name_the_eicl_source_that_made_them(data_dir: Path, unroll: int
         assert not layer_kernels
     text = gpu_program.report(kernels, 1e12, top=5)
     assert text.startswith(f"{sum(k.launches for k in kernels)} kernel launches per step")
+
+
+def test_a_saved_summary_compares_with_another_program():
+    x = jnp.ones((256, 256))
+    one = gpu_program.summary(_program(lambda x: jnp.sin(x) * 2, x).kernels())
+    two = gpu_program.summary(_program(lambda x: (jnp.sin(x) @ x).sum(), x).kernels())
+    # A round trip through --save's JSON keeps what --against reads.
+    import json
+    one = json.loads(json.dumps(one | {"label": "sin"}))
+    assert one["launches"] == 1 and one["bytes"] == 2 * 256 * 256 * 4
+    assert one["by_source"] and sum(b for _, b in one["by_source"].values()) == one["bytes"]
+    text = gpu_program.compare(one, two, top=5)
+    assert text.startswith(f"against sin: 1 -> {two['launches']:.5g} launches per step, "
+                           f"0.00 -> {two['bytes'] / 1e9:.2f} GB")
+    assert "change by source" in text
+    assert "(no source moved" in gpu_program.compare(one, one, top=5)
