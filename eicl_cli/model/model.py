@@ -56,7 +56,7 @@ class Model(eqx.Module):
         numbers are the same, but with thousands of classes it is most of the
         step's work and the query-only loss and all metrics need no more."""
         h, state = self.encode(examples, state, inference=inference)
-        return self.read(h, labels, key=key, inference=inference, pos_key=pos_key,
+        return self.logits(h, labels, key=key, inference=inference, pos_key=pos_key,
                          query_only=query_only), state
 
     def encode(self, examples: jax.Array, state: eqx.nn.State, *, inference: bool
@@ -67,8 +67,9 @@ class Model(eqx.Module):
         return self.encoder(examples, state, inference=inference,
                             dtype=_DTYPES[self.compute_dtype])
 
-    def read(self, h: jax.Array, labels: jax.Array, *, key: jax.Array | None, inference: bool,
-             pos_key: jax.Array | None = None, query_only: bool = False) -> jax.Array:
+    def logits(self, h: jax.Array, labels: jax.Array, *, key: jax.Array | None,
+               inference: bool, pos_key: jax.Array | None = None,
+               query_only: bool = False) -> jax.Array:
         """One sequence's encoded examples h (L, emb_dim) and labels (L,) ->
         logits, as __call__ returns them."""
         dtype = _DTYPES[self.compute_dtype]
@@ -114,7 +115,7 @@ def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels
     h = h.reshape(n, -1, *h.shape[1:])
 
     def one(h, lab, k):
-        return model.read(h, lab, key=k, inference=inference, pos_key=pos_key,
+        return model.logits(h, lab, key=k, inference=inference, pos_key=pos_key,
                           query_only=query_only)
 
     logits = jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None))(
