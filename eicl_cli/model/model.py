@@ -57,7 +57,7 @@ class Model(eqx.Module):
         step's work and the query-only loss and all metrics need no more."""
         h, state = self.encode(examples, state, inference=inference)
         return self.logits(h, labels, key=key, inference=inference, pos_key=pos_key,
-                         query_only=query_only), state
+                           query_only=query_only), state
 
     def encode(self, examples: jax.Array, state: eqx.nn.State, *, inference: bool
                ) -> tuple[jax.Array, eqx.nn.State]:
@@ -116,7 +116,7 @@ def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels
 
     def one(h, lab, k):
         return model.logits(h, lab, key=k, inference=inference, pos_key=pos_key,
-                          query_only=query_only)
+                            query_only=query_only)
 
     logits = jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None))(
         h, labels, seq_keys)
