@@ -354,7 +354,13 @@ def main() -> None:
                         help="compare with a program --save wrote (another version of "
                              "the code, or other --set values)")
     args = parser.parse_args()
-    before = json.loads(args.against.read_text()) if args.against else None
+    before = None
+    if args.against:
+        try:
+            before = json.loads(args.against.read_text())
+            before["launches"], before["bytes"], before["by_source"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--against {args.against}: not a summary --save wrote ({e})")
     # Compile for CUDA while computing (data, initial state) on the CPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
@@ -373,7 +379,9 @@ def main() -> None:
     mine["label"] = (f"{args.config.name} {' '.join(args.overrides)} stack {args.stack} "
                      f"({args.target})").replace("  ", " ")
     if args.save:
-        args.save.write_text(json.dumps(mine, indent=1) + "\n")
+        part = args.save.with_name(args.save.name + ".part")
+        part.write_text(json.dumps(mine, indent=1) + "\n")
+        part.replace(args.save)
     if before is not None:
         print("\n" + compare(before, mine, args.top))
 

@@ -93,3 +93,15 @@ def test_a_saved_summary_compares_with_another_program():
                            f"0.00 -> {two['bytes'] / 1e9:.2f} GB")
     assert "change by source" in text
     assert "(no source moved" in gpu_program.compare(one, one, top=5)
+
+
+def test_against_a_file_that_is_no_summary_is_one_line_and_exit_2(tmp_path: Path):
+    import subprocess
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"launches": 1}')
+    done = subprocess.run([sys.executable, str(_PATH), "configs/quickstart.toml", "--against",
+                           str(bad)], capture_output=True, text=True,
+                          cwd=_PATH.parents[1], timeout=120)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gpu_program.py: error: --against {bad}: not a summary --save wrote")
