@@ -5,15 +5,19 @@ H200 target, deviceless, and this script lists what one step launches: the
 kernels (fusions, cuBLAS and cuDNN calls, copies), with the layer loop's
 body counted once per layer, grouped by kind and by the source that made
 them (the innermost eicl_cli file and function, or optax), with the bytes
-each one reads and writes. A change to the model or the step can be checked
+each one reads and writes, and the FLOPs of its matmuls, convolutions and
+the stem's Pallas kernels. A change to the model or the step can be checked
 here for what it does to the GPU program before a GPU is lent.
-`--save FILE` keeps the per-step totals and sources as JSON and `--against
-FILE` prints what moved since: run the old code with --save and the new
-with --against, each from its own checkout.
+`--save FILE` keeps the per-step totals, sources and kernels as JSON and
+`--against FILE` prints what moved since: run the old code with --save and
+the new with --against, each from its own checkout. `--from-hlo FILE` reads
+a step that another checkout's script wrote with `--hlo` (its own package
+compiled it) and counts it with this one's rules. benchmarks/time_model.py
+turns saved programs into modelled H100 step times.
 
     python benchmarks/gpu_program.py configs/images_all_exemplars.toml [--set k=v ...]
         [--stack K] [--target h100|h200] [--top N] [--hlo FILE]
-        [--save FILE] [--against FILE]
+        [--save FILE] [--against FILE] [--from-hlo FILE [--per-call N]]
 
 Needs a JAX with its CUDA plugin, of the JAX version eicl runs on (a second
 virtual environment will do): pip install "jax[cuda12]==$(python -c 'import
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import sys
@@ -82,6 +87,27 @@ def nbytes(shape_text: str) -> int:
     return total
 
 
+def dims(shape_text: str) -> list[int]:
+    """The dimensions of the first array in an HLO shape."""
+    m = _ARRAY.search(shape_text)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _stem_kernel_flops(i: "Instr", operands: list[list[int]], result: list[int]) -> int:
+    """The stem's Pallas kernels (eicl_cli/model/stem_fused.py), by their
+    operands: images, weights (taps, C), then forward nothing more (result:
+    the pooled map, rows x C per image), backward the choices (rows x C per
+    image), the gradient and, in training, the moments' gradients."""
+    from eicl_cli.model import stem_fused
+    op = i.attr(r'op_name="([^"]+)"') or ""
+    name = next((n for n in ("stem_forward", "stem_backward") if f"/{n}/" in op), None)
+    if name is None or len(operands) < 3:
+        return 0
+    taps, channels = operands[1][-2:]
+    rows = math.prod((result if name == "stem_forward" else operands[2])[:-1])
+    return stem_fused.kernel_flops(name, rows, taps, channels, moments=len(operands) > 4)
+
+
 @dataclass
 class Instr:
     name: str
@@ -106,6 +132,7 @@ class Kernel:
     shape: str
     op_name: str
     source: str  # innermost eicl_cli file:function (or "optax"), else "?"
+    flops: int = 0  # of one launch: cuBLAS and cuDNN calls and the stem's Pallas kernels
 
     @property
     def backward(self) -> bool:
@@ -202,7 +229,39 @@ class Program:
             frame = i.attr(r"stack_frame_id=(\d+)")
             out.append(Kernel(i.name, kind, times, self._bytes(i, table), i.shape,
                               i.attr(r'op_name="([^"]+)"') or "",
-                              self.source(int(frame) if frame else None)))
+                              self.source(int(frame) if frame else None),
+                              self._flops(i, table, kind)))
+
+    def _flops(self, i: Instr, table: dict[str, Instr], kind: str) -> int:
+        """Multiply-adds x 2 of a matmul, convolution or stem kernel; 0 for
+        the rest (elementwise work is small beside their bytes)."""
+        operands = [dims(table[name].shape) for name in i.operands() if name in table]
+        result = dims(_SCRATCH.sub("", i.shape))
+        if kind == "cublas":
+            contracting = i.attr(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
+            if contracting is None or not operands:
+                return 0
+            k = math.prod(operands[0][int(d)] for d in re.findall(r'"(\d+)"', contracting))
+            return 2 * math.prod(result) * k
+        if kind.startswith("cudnn:conv"):
+            # 2 x (output positions) x (filter size), whichever of input,
+            # filter and output the call computes; dim_labels name the
+            # output's feature axis.
+            labels = i.attr(r"dim_labels=([\w]+_[\w]+->[\w]+)")
+            role = kind.split(":", 1)[1]
+            if labels is None or len(operands) < 2:
+                return 0
+            if role == "convBackwardInput":
+                out, kernel = operands[0], operands[1]
+            elif role == "convBackwardFilter":
+                out, kernel = operands[1], result
+            else:  # convForward, convBiasActivationForward
+                out, kernel = result, operands[1]
+            feature = labels.split("->")[1].index("f")
+            return 2 * math.prod(out) // out[feature] * math.prod(kernel)
+        if "triton" in kind:
+            return _stem_kernel_flops(i, operands, result)
+        return 0
 
     def _bytes(self, i: Instr, table: dict[str, Instr]) -> int:
         written = nbytes(_SCRATCH.sub("", i.shape))
@@ -252,9 +311,11 @@ def report(kernels: list[Kernel], bandwidth: float, top: int, steps: int = 1) ->
     """Launches and bytes per training step of a program that runs `steps`."""
     launches = sum(k.launches for k in kernels) / steps
     total = sum(k.launches * k.bytes for k in kernels) / steps
+    flops = sum(k.launches * k.flops for k in kernels) / steps
     lines = [f"{launches:.5g} kernel launches per step ({len(kernels)} distinct), "
              f"{total / 1e9:.2f} GB read + written: {total / bandwidth * 1e3:.2f} ms at "
-             f"{bandwidth / 1e12:.2f} TB/s if every kernel ran at full memory speed"]
+             f"{bandwidth / 1e12:.2f} TB/s if every kernel ran at full memory speed; "
+             f"{flops / 1e9:.1f} GFLOP in matmuls, convolutions and the stem's kernels"]
 
     def table(title: str, key) -> None:
         groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -285,9 +346,16 @@ def summary(kernels: list[Kernel], steps: int = 1) -> dict:
         g = by_source[f"{k.source} {'backward' if k.backward else 'forward'}"]
         g[0] += k.launches / steps
         g[1] += k.launches * k.bytes / steps
+    # Kernels alike in kind, bytes and FLOPs as one row [kind, launches per
+    # step, bytes, flops]: what benchmarks/time_model.py times.
+    alike: dict[tuple, float] = collections.defaultdict(float)
+    for k in kernels:
+        alike[(k.kind, k.bytes, k.flops)] += k.launches / steps
     return {"launches": sum(k.launches for k in kernels) / steps,
             "bytes": sum(k.launches * k.bytes for k in kernels) / steps,
-            "by_source": dict(by_source)}
+            "flops": sum(k.launches * k.flops for k in kernels) / steps,
+            "by_source": dict(by_source),
+            "kernels": sorted([kind, n, b, f] for (kind, b, f), n in alike.items())}
 
 
 def compare(before: dict, after: dict, top: int) -> str:
@@ -348,6 +416,12 @@ def main() -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), default="h100")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--hlo", type=Path, help="also write the optimized HLO text here")
+    parser.add_argument("--from-hlo", type=Path,
+                        help="read a step's optimized HLO text (another checkout's --hlo) "
+                             "instead of compiling CONFIG, which then only labels it")
+    parser.add_argument("--per-call", type=int, default=10,
+                        help="with --from-hlo: the training steps in its call (default 10, "
+                             "a GPU's train.steps_per_call = 0)")
     parser.add_argument("--save", type=Path,
                         help="write the per-step totals and sources here (JSON)")
     parser.add_argument("--against", type=Path,
@@ -368,11 +442,19 @@ def main() -> None:
                                " --xla_gpu_enable_triton_gemm=false").strip()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     started = time.perf_counter()
-    text, per_call = compile_step(args.config, args.overrides, args.stack, args.target)
+    if args.from_hlo:
+        try:
+            text, per_call = args.from_hlo.read_text(), args.per_call
+        except OSError as e:
+            parser.error(f"--from-hlo {args.from_hlo}: {e.strerror}")
+        print(f"{args.from_hlo.name}: {args.config.name} {' '.join(args.overrides)} "
+              f"stack {args.stack}, {per_call} steps per call")
+    else:
+        text, per_call = compile_step(args.config, args.overrides, args.stack, args.target)
+        print(f"{args.config.name} {' '.join(args.overrides)} stack {args.stack}, compiled "
+              f"for {TARGETS[args.target]['name']} in {time.perf_counter() - started:.0f} s")
     if args.hlo:
         args.hlo.write_text(text)
-    print(f"{args.config.name} {' '.join(args.overrides)} stack {args.stack}, "
-          f"compiled for {TARGETS[args.target]['name']} in {time.perf_counter() - started:.0f} s")
     kernels = Program(text).kernels()
     print(report(kernels, TARGETS[args.target]["bandwidth"], args.top, per_call))
     mine = summary(kernels, per_call)

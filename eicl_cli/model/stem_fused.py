@@ -224,6 +224,21 @@ def _backward(x, wm, code, grad, moments, g: Geometry, interpret: bool):
     )(x, wm, code, grad, *(m.reshape(1, c) for m in moments))
 
 
+# Window elements whose (TILE, taps) @ (taps, C) product each kernel makes
+# per tile: all nine forward; nine for the weight gradient backward, plus
+# the four home elements' map values again where the moments have a gradient.
+PRODUCTS = {"stem_forward": 9, "stem_backward": 9, "stem_backward_moments": 13}
+
+
+def kernel_flops(name: str, rows: int, taps: int, channels: int, moments: bool) -> int:
+    """Multiply-adds x 2 of one launch of kernel `name` ("stem_forward" or
+    "stem_backward") over `rows` pooled positions of all its images (padded
+    to whole tiles): what XLA's program text cannot show of a Pallas call
+    (benchmarks/gpu_program.py counts them with this)."""
+    key = name + ("_moments" if name == "stem_backward" and moments else "")
+    return 2 * PRODUCTS[key] * rows * taps * channels
+
+
 def _geometry(x: jax.Array, w: jax.Array, stride: int) -> Geometry:
     return Geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride)
 
