@@ -125,6 +125,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path} is not a checkpoint: give a run folder or one of "
+                                  f"its checkpoints/step_*.safetensors") from None
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an eicl checkpoint (format {meta.get('format')!r})")

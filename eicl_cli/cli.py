@@ -174,7 +174,8 @@ def train(
         raise typer.Exit(130)
     if outcome.status == "already_done":
         display.info(f"{run_dir} is already at step {outcome.step} (run.steps = "
-                     f"{cfg.run.steps}); continue it with --set run.steps=N")
+                     f"{cfg.run.steps}): nothing to do, the run is unchanged; continue it "
+                     f"with --set run.steps=N, N > {outcome.step}")
         return
     display.info(f"finished {outcome.step} steps; checkpoints in {runs.checkpoint_dir(run_dir)}")
 
@@ -257,7 +258,6 @@ def sweep(
         display.print_sweep_table(sweep_mod.dry_run_statuses(folder, spec, sweep_runs), keys,
                                   "dry run: " + title)
         return
-    folder.mkdir(parents=True, exist_ok=True)
     sweep_mod.write_manifest(folder, spec, sweep_runs)
     manifest = sweep_mod.read_manifest(folder)
     with display.SweepDisplay(keys, title) as live:
@@ -266,8 +266,8 @@ def sweep(
         display.print_sweep_table(result.statuses, keys, title)
     failed = [s.name for s in result.statuses if s.state == "failed"]
     if result.interrupted:
-        display.info(f"stopped; run `eicl sweep {sweep_file}"
-                     + (f" --out {out}" if out else "") + "` again to continue")
+        again = sweep_mod.continue_command(sweep_file, out, set_ or [], stack, jobs)
+        display.info(f"stopped; run `{again}` again to continue")
         raise typer.Exit(130)
     if failed:
         fail(f"{len(failed)} run(s) failed, e.g. {failed[0]}: see {folder}/logs/{failed[0]}.log",

@@ -401,6 +401,10 @@ def from_dict(raw: dict) -> Config:
     raw = dict(raw)
     raw.pop("base", None)
     sections = {}
+    sweep_keys = [k for k in ("description", "seeds", "grid", "zip") if k in raw]
+    if sweep_keys:
+        raise ConfigError(f"{sweep_keys[0]!r} is a sweep file's key, not a config's: run a "
+                          f"sweep file with `eicl sweep FILE`")
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
             raise ConfigError(f"unknown config section {name!r}" + _suggest(name, list(_SECTION_TYPES)))
@@ -592,6 +596,11 @@ def validate(cfg: Config) -> None:
 
     r = cfg.run
     _at_least("run.steps", r.steps, 0)
+    # The name is one folder inside run.out_dir: a path would put the run elsewhere.
+    if r.name and (r.name in (".", "..") or "/" in r.name or "\\" in r.name):
+        raise ConfigError(f"run.name = {r.name!r} is not allowed: one folder name inside "
+                          f"run.out_dir (no '/' or '\\', not '.' or '..'); set run.out_dir "
+                          f"or --out to put the run elsewhere")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _at_least(f"run.{name}", getattr(r, name), 1)
 

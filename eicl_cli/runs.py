@@ -101,8 +101,17 @@ def new_run_dir(cfg: config_mod.Config, config_path: str | Path | None,
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise EiclError(f"--out {path} already exists and is not empty; "
                         f"continue it with --resume {path} or choose another folder")
-    (path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    make_dir(path / CHECKPOINT_DIR, "run folder")
     return path
+
+
+def make_dir(path: Path, what: str) -> None:
+    """mkdir -p, with a folder that cannot be made (a file in the way, no
+    permission) as one EiclError naming it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EiclError(f"cannot create the {what} {path}: {e.strerror}") from None
 
 
 def write_config(run_dir: Path, cfg: config_mod.Config) -> None:

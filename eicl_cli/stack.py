@@ -253,13 +253,13 @@ def _run_stack(cfgs: list[Config], run_dirs: list[Path], names: list[str], tomls
     start = starts[0]
     if start > 0:
         stacked.carry = Carry.pack(stack_trees(models), stack_trees(states), stack_trees(opts))
+    total = cfgs[0].run.steps
+    if start >= total:  # nothing to train: the runs' files stay as they are
+        return [start] * len(cfgs)
     for run_dir, cfg, text in zip(run_dirs, cfgs, tomls):
         runs.truncate_metrics(run_dir, start)
         if (run_dir / runs.CONFIG_FILE).read_text() != text:
             runs.write_config(run_dir, cfg)
-    total = cfgs[0].run.steps
-    if start >= total:
-        return [start] * len(cfgs)
     per_call = steps_per_call(cfgs[0].train.steps_per_call)
     env = {**environment.record(start), "stacked_with": len(run_dirs), "steps_per_call": per_call,
            "draw_workers": stacked.draw_workers}

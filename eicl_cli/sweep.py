@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -359,7 +360,7 @@ def write_manifest(sweep_dir: Path, spec: SweepSpec, sweep_runs: list[SweepRun])
     sweep_dir = Path(sweep_dir)
     new = manifest_dict(spec, sweep_runs)
     check_manifest(sweep_dir, new)
-    (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
+    runs.make_dir(sweep_dir / "configs", "sweep folder")
     for r in sweep_runs:
         runs.atomic_write_bytes(sweep_dir / "configs" / f"{r.name}.toml",
                                 config_mod.to_toml(r.config).encode())
@@ -378,7 +379,8 @@ def check_manifest(sweep_dir: Path, new: dict) -> None:
             diff = _first_difference(prev["config"], r["config"])
             raise EiclError(
                 f"{sweep_dir} already holds run {r['name']} with a different config "
-                f"({diff}); use another --out, or remove that folder to start over")
+                f"({diff}); to continue it, give the --set values it started with; "
+                f"else use another --out, or remove that folder to start over")
 
 
 def _first_difference(a: dict, b: dict) -> str:
@@ -742,6 +744,19 @@ def _steps(manifest: dict, name: str) -> int:
         if r["name"] == name:
             return r["config"]["run"]["steps"]
     raise KeyError(name)
+
+
+def continue_command(sweep_file: str | Path, out: str | Path | None, overrides: list[str],
+                     stack: int = 1, jobs: int = 1) -> str:
+    """The command line that continues an interrupted sweep: its file, folder
+    and --set values (other values would be refused as a different config),
+    and its --stack and --jobs."""
+    words = ["eicl", "sweep", str(sweep_file)] + (["--out", str(out)] if out else [])
+    for override in overrides:
+        words += ["--set", override]
+    words += [f"--{name}={value}" for name, value in (("stack", stack), ("jobs", jobs))
+              if value > 1]
+    return shlex.join(words)
 
 
 def prepare(sweep_file: str | Path, out: str | Path | None = None,

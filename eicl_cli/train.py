@@ -347,13 +347,13 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
             model, state, opt_state = restored.model, restored.state, restored.opt_state
             start = restored.step
             elapsed_before = float(restored.metadata.get("elapsed", 0.0))
-        if writer:
-            runs.truncate_metrics(run_dir, start)
-            if (run_dir / runs.CONFIG_FILE).read_text() != config_toml:
-                runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)
     total = cfg.run.steps
-    if start >= total:
+    if start >= total:  # nothing to train: the run's files stay as they are
         return Outcome(run_dir, start, "already_done")
+    if resume and writer:
+        runs.truncate_metrics(run_dir, start)
+        if (run_dir / runs.CONFIG_FILE).read_text() != config_toml:
+            runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)
     per_call = steps_per_call(cfg.train.steps_per_call)
     if writer:
         # The steps per call change the rounding: record the K this start ran.

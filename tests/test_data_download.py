@@ -104,6 +104,11 @@ def test_http_error_refused(server, tmp_path):
     with pytest.raises(EiclError, match=r"download of images_background\.zip .*failed"):
         prepare_data(None, tmp_path, urls=_urls(base, "missing/"), expected=fake.expected())
     assert list(tmp_path.iterdir()) == []
+    # A data folder the download had to make (~/.cache/eicl, say) goes too.
+    with pytest.raises(EiclError, match=r"download of images_background\.zip .*failed"):
+        prepare_data(None, tmp_path / "cache" / "eicl", urls=_urls(base, "missing/"),
+                     expected=fake.expected())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cut_off_download_refused(server, tmp_path):

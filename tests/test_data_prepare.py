@@ -158,6 +158,7 @@ def test_missing_path_refused(tmp_path):
     result = runner.invoke(app, ["prepare-data", "--source", str(tmp_path / "nope"),
                                  "--data-dir", str(tmp_path / "out")])
     assert result.exit_code == 2 and "nope: no such file or folder" in result.output
+    assert "'tfds' or 'synthetic'" in " ".join(result.output.split())  # a misspelt word, say
     assert leftovers(tmp_path / "out") == []
 
 

@@ -154,12 +154,29 @@ def test_train_errors_are_one_line(trained: Path, tmp_path: Path, data_dir: Path
                     "not empty")
     _one_line_error(runner.invoke(app, ["train", "--config", str(TINY), "--set",
                                         "optimizer.name=adamm"]), "optimizer.name")
+    # A folder that cannot be made (a file in its path), and a name that is a path.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    _one_line_error(runner.invoke(app, ["train", "--config", str(TINY), "--out",
+                                        str(blocker / "run")]),
+                    f"cannot create the run folder {blocker / 'run'}")
+    escape = tmp_path / "out" / ".." / "escaped"
+    _one_line_error(runner.invoke(app, ["train", "--config", str(TINY), "--set",
+                                        f'run.out_dir="{tmp_path / "out"}"', "--set",
+                                        'run.name="../escaped"']), "run.name = '../escaped'")
+    assert not escape.exists() and not (tmp_path / "out").exists()
 
 
 def test_resume_of_a_finished_run_says_so(trained: Path):
     res = runner.invoke(app, ["train", "--resume", str(trained)])
     assert res.exit_code == 0, res.output
     assert "already at step 20" in res.stdout
+    # Asked for fewer steps than it has: nothing to do, and nothing rewritten.
+    files = {name: (trained / name).read_bytes() for name in ("config.toml", "metrics.jsonl")}
+    res = runner.invoke(app, ["train", "--resume", str(trained), "--set", "run.steps=10"])
+    assert res.exit_code == 0, res.output
+    assert "already at step 20 (run.steps = 10): nothing to do" in " ".join(res.stdout.split())
+    assert files == {name: (trained / name).read_bytes() for name in files}
 
 
 def test_fewshot_ceiling_is_exact():
@@ -186,3 +203,11 @@ def test_eval_of_a_run_skips_a_corrupt_newest_checkpoint(trained: Path, tmp_path
     assert res.exit_code == 0, res.output
     assert "skipping step_00000020.safetensors" in res.stderr
     assert json.loads(res.stdout)["step"] == 10
+
+
+def test_a_sweep_file_or_a_non_checkpoint_is_refused_by_name(trained: Path):
+    sweep_file = Path(__file__).resolve().parents[1] / "configs/sweeps/burstiness.toml"
+    _one_line_error(runner.invoke(app, ["train", "--config", str(sweep_file)]),
+                    "'description' is a sweep file's key, not a config's")
+    _one_line_error(runner.invoke(app, ["eval", str(trained / "config.toml")]),
+                    "is not a checkpoint: give a run folder")

@@ -191,12 +191,17 @@ def test_manifest_written_and_guarded(tmp_path: Path) -> None:
     assert not list(out.rglob("*.tmp"))
     # The same sweep again is fine; a changed config for an existing run is refused.
     sweep.write_manifest(out, spec, points)
-    with pytest.raises(EiclError, match="different config .*run.steps was 20, now 30"):
+    with pytest.raises(EiclError, match="different config .*run.steps was 20, now 30.*"
+                                        "give the --set values it started with"):
         sweep.write_manifest(out, spec, sweep.expand(spec, ["run.steps=30"]))
     # --dry-run says so too, instead of listing the runs as if it would go on.
     with pytest.raises(EiclError, match="different config .*run.steps was 20, now 30"):
         sweep.dry_run_statuses(out, spec, sweep.expand(spec, ["run.steps=30"]))
     assert [s.state for s in sweep.dry_run_statuses(out, spec, points)] == ["pending"] * len(points)
+    # A folder that cannot be made is one error naming it.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EiclError, match=f"cannot create the sweep folder {tmp_path / 'file'}"):
+        sweep.write_manifest(tmp_path / "file" / "sweep", spec, points)
     with pytest.raises(EiclError, match="not a sweep folder"):
         sweep.read_manifest(tmp_path)
 
@@ -444,3 +449,12 @@ def test_more_seeds_later_train_only_the_new_runs_and_pool_in_report(fake_sweep,
     assert all(len(attempts(out, r["name"])) == 1 for r in manifest["runs"])
     rows, _ = report.collect([out])
     assert [len(r.runs) for r in rows] == [3, 3]
+
+
+def test_the_command_that_continues_a_sweep_repeats_its_set_values():
+    # Without the --set values the sweep would be refused as a different config.
+    assert sweep.continue_command("configs/sweeps/s.toml", None, ["run.steps=600",
+                                                                  'run.name="a b"']) == \
+        "eicl sweep configs/sweeps/s.toml --set run.steps=600 --set 'run.name=\"a b\"'"
+    assert sweep.continue_command(Path("s.toml"), Path("out dir"), [], stack=4, jobs=1) == \
+        "eicl sweep s.toml --out 'out dir' --stack=4"

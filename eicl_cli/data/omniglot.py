@@ -178,7 +178,9 @@ def find_local(source: Path) -> dict[str, Path]:
     zips (its partner is looked for beside it)."""
     source = Path(source).expanduser()
     if not source.exists():
-        raise EiclError(f"{source}: no such file or folder")
+        raise EiclError(f"--source {source}: no such file or folder (give the official zips, "
+                        f"a folder holding them or their extracted folders, 'tfds' or "
+                        f"'synthetic')")
     source = source.resolve()  # the cache records where it came from, wherever it is read
     folder = source.parent if source.is_file() else source
     if source.is_file() and source.name not in OFFICIAL_FILES:
@@ -266,7 +268,9 @@ def official_urls(overrides: dict[str, str | None] | None = None) -> dict[str, s
 def download(url: str, dest: Path, size: int, sha256: str,
              progress: Progress | None = None, timeout: float = 60.0) -> None:
     """Fetch url to dest.part, check byte count and sha256, then rename to dest.
-    Any failure removes the partial file and raises an EiclError naming it."""
+    Any failure removes the partial file, and the folders made for it if
+    they are still empty, and raises an EiclError naming it."""
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -274,6 +278,7 @@ def download(url: str, dest: Path, size: int, sha256: str,
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
     got = 0
+    done = False
     try:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
@@ -296,8 +301,14 @@ def download(url: str, dest: Path, size: int, sha256: str,
             raise EiclError(f"download of {dest.name} from {url} has sha256 {h.hexdigest()}, "
                             f"expected {sha256}: refusing it")
         part.replace(dest)
+        done = True
     finally:
         part.unlink(missing_ok=True)
+        for folder in made if not done else ():
+            try:
+                folder.rmdir()  # only an empty one: never what another process put there
+            except OSError:
+                break
 
 
 def fetch_official(data_dir: Path, urls: dict[str, str],
