@@ -351,6 +351,9 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
     if start >= total:  # nothing to train: the run's files stay as they are
         return Outcome(run_dir, start, "already_done")
     if resume and writer:
+        if start:
+            display.info(f"resuming {run_dir} from step {start} "
+                         f"({runs.checkpoint_path(run_dir, start).name})")
         runs.truncate_metrics(run_dir, start)
         if (run_dir / runs.CONFIG_FILE).read_text() != config_toml:
             runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)

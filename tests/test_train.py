@@ -87,8 +87,11 @@ def test_resume_skips_a_corrupt_newest_checkpoint(data_dir: Path, tmp_path: Path
     (runs.checkpoint_dir(run) / "step_00000030.safetensors.tmp").write_bytes(b"half")
     capsys.readouterr()
     out = train_run(_with_steps(cfg, 30), run, resume=True)
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert "skipping step_00000020.safetensors" in err and "corrupt or truncated" in err
+    assert f"resuming {run} from step 10 (step_00000010.safetensors)" in " ".join(
+        printed.out.split())
     assert out.step == 30
     assert not list(runs.checkpoint_dir(run).glob("*.tmp"))
     # It went on from step 10: the rerun steps 11..20 were logged afresh, once.
