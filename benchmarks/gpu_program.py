@@ -138,6 +138,11 @@ class Kernel:
     def backward(self) -> bool:
         return "transpose(" in self.op_name
 
+    @property
+    def where(self) -> str:
+        """Its source and pass: what the source tables group by."""
+        return f"{self.source} {'backward' if self.backward else 'forward'}"
+
 
 class Program:
     """An optimized HLO module's text: computations, and the source table."""
@@ -235,6 +240,8 @@ class Program:
     def _flops(self, i: Instr, table: dict[str, Instr], kind: str) -> int:
         """Multiply-adds x 2 of a matmul, convolution or stem kernel; 0 for
         the rest (elementwise work is small beside their bytes)."""
+        if not (kind == "cublas" or kind.startswith("cudnn:conv") or "triton" in kind):
+            return 0
         operands = [dims(table[name].shape) for name in i.operands() if name in table]
         result = dims(_SCRATCH.sub("", i.shape))
         if kind == "cublas":
@@ -259,9 +266,7 @@ class Program:
                 out, kernel = result, operands[1]
             feature = labels.split("->")[1].index("f")
             return 2 * math.prod(out) // out[feature] * math.prod(kernel)
-        if "triton" in kind:
-            return _stem_kernel_flops(i, operands, result)
-        return 0
+        return _stem_kernel_flops(i, operands, result)
 
     def _bytes(self, i: Instr, table: dict[str, Instr]) -> int:
         written = nbytes(_SCRATCH.sub("", i.shape))
@@ -307,6 +312,16 @@ class Program:
         return out
 
 
+def _grouped(kernels: list[Kernel], key, steps: int) -> dict[str, list[float]]:
+    """[launches, bytes] per step of the kernels, by key(kernel)."""
+    groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for k in kernels:
+        g = groups[key(k)]
+        g[0] += k.launches / steps
+        g[1] += k.launches * k.bytes / steps
+    return dict(groups)
+
+
 def report(kernels: list[Kernel], bandwidth: float, top: int, steps: int = 1) -> str:
     """Launches and bytes per training step of a program that runs `steps`."""
     launches = sum(k.launches for k in kernels) / steps
@@ -318,18 +333,13 @@ def report(kernels: list[Kernel], bandwidth: float, top: int, steps: int = 1) ->
              f"{flops / 1e9:.1f} GFLOP in matmuls, convolutions and the stem's kernels"]
 
     def table(title: str, key) -> None:
-        groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-        for k in kernels:
-            g = groups[key(k)]
-            g[0] += k.launches / steps
-            g[1] += k.launches * k.bytes / steps
+        groups = _grouped(kernels, key, steps)
         lines.append(f"\n{'launches':>9} {'MB':>9}  {title}")
         for name, (n, b) in sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]:
             lines.append(f"{n:9.5g} {b / 1e6:9.1f}  {name}")
 
     table("kind", lambda k: k.kind)
-    table("source (forward / backward)",
-          lambda k: f"{k.source} {'backward' if k.backward else 'forward'}")
+    table("source (forward / backward)", lambda k: k.where)
     lines.append(f"\n{'MB':>9} {'x':>5}  largest kernels: kind, result shape, op")
     for k in sorted(kernels, key=lambda k: -k.launches * k.bytes)[:top]:
         lines.append(f"{k.launches * k.bytes / steps / 1e6:9.1f} {k.launches / steps:5.3g}  "
@@ -340,12 +350,8 @@ def report(kernels: list[Kernel], bandwidth: float, top: int, steps: int = 1) ->
 
 def summary(kernels: list[Kernel], steps: int = 1) -> dict:
     """Launches and bytes per step, in all and by source (as report()
-    groups them): what --save writes and --against reads."""
-    by_source: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    for k in kernels:
-        g = by_source[f"{k.source} {'backward' if k.backward else 'forward'}"]
-        g[0] += k.launches / steps
-        g[1] += k.launches * k.bytes / steps
+    groups them) and the kernel list: what --save writes, and --against and
+    time_model.py read."""
     # Kernels alike in kind, bytes and FLOPs as one row [kind, launches per
     # step, bytes, flops]: what benchmarks/time_model.py times.
     alike: dict[tuple, float] = collections.defaultdict(float)
@@ -354,7 +360,7 @@ def summary(kernels: list[Kernel], steps: int = 1) -> dict:
     return {"launches": sum(k.launches for k in kernels) / steps,
             "bytes": sum(k.launches * k.bytes for k in kernels) / steps,
             "flops": sum(k.launches * k.flops for k in kernels) / steps,
-            "by_source": dict(by_source),
+            "by_source": _grouped(kernels, lambda k: k.where, steps),
             "kernels": sorted([kind, n, b, f] for (kind, b, f), n in alike.items())}
 
 
@@ -423,7 +429,8 @@ def main() -> None:
                         help="with --from-hlo: the training steps in its call (default 10, "
                              "a GPU's train.steps_per_call = 0)")
     parser.add_argument("--save", type=Path,
-                        help="write the per-step totals and sources here (JSON)")
+                        help="write the per-step totals, sources and kernel list here "
+                             "(JSON, for --against and benchmarks/time_model.py)")
     parser.add_argument("--against", type=Path,
                         help="compare with a program --save wrote (another version of "
                              "the code, or other --set values)")

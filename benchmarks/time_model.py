@@ -178,12 +178,12 @@ def main() -> None:
         return
     base = "the one before it" if args.pairs else "the first"
     print(f"\n{'best fit':>9} {'range':>13} {'ratio':>13}  program (ms per step; ratio to {base})")
+    # Each program's time under every near fit, once: the ratios divide them.
+    times = [np.array([f.seconds(p, pallas_rate) for f in near]) for p in targets]
     for i, p in enumerate(targets):
-        times = np.array([f.seconds(p, pallas_rate) for f in near])
-        against = targets[i - i % 2] if args.pairs else targets[0]
-        ratio = times / np.array([f.seconds(against, pallas_rate) for f in near])
-        print(f"{best.seconds(p, pallas_rate) * 1e3:9.2f} {times.min() * 1e3:6.2f}-"
-              f"{times.max() * 1e3:<6.2f} {ratio.min():6.2f}-{ratio.max():<6.2f}  {p.label}")
+        ratio = times[i] / times[i - i % 2 if args.pairs else 0]
+        print(f"{best.seconds(p, pallas_rate) * 1e3:9.2f} {times[i].min() * 1e3:6.2f}-"
+              f"{times[i].max() * 1e3:<6.2f} {ratio.min():6.2f}-{ratio.max():<6.2f}  {p.label}")
         if args.breakdown:
             parts = breakdown(p, best, pallas_rate)
             print(" " * 39 + "; ".join(f"{k} {v * 1e3:.2f}" for k, v in parts.items()))

@@ -396,12 +396,17 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
     raise TypeError(f"unsupported config type {typ!r}")  # a bug in this file
 
 
+# The top-level keys of a sweep file (sweep.py) besides `base`, which a
+# config has too: a config holding one is a sweep file given as a config.
+SWEEP_KEYS = ("description", "seeds", "set", "grid", "zip")
+
+
 def from_dict(raw: dict) -> Config:
     """Build and validate a Config from a plain dict (parsed TOML)."""
     raw = dict(raw)
     raw.pop("base", None)
     sections = {}
-    sweep_keys = [k for k in ("description", "seeds", "grid", "zip") if k in raw]
+    sweep_keys = [k for k in SWEEP_KEYS if k in raw]
     if sweep_keys:
         raise ConfigError(f"{sweep_keys[0]!r} is a sweep file's key, not a config's: run a "
                           f"sweep file with `eicl sweep FILE`")

@@ -69,7 +69,7 @@ LOCK_FILE = ".sweep.lock"
 LOG_DIR = "logs"
 MANIFEST_FORMAT = 1
 STATES = ("pending", "running", "finished", "failed", "interrupted")
-_TOP_KEYS = ("description", "base", "seeds", "set", "grid", "zip")
+_TOP_KEYS = ("base", *config_mod.SWEEP_KEYS)
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _MAX_NAME = 120
 
