@@ -13,9 +13,11 @@ Per config it measures, in one process:
 - evaluation sequences/s (one mode, after its compilation);
 - peak host memory (RSS) and, where the device reports it, peak device memory.
 
-With `stack` K > 1 the step is the stacked one (stack.py): K replicas of the
-model, each on its own data stream, in one jitted step, their batches drawn
-by worker processes where train.draw_workers says so (data/batch_workers.py).
+Training is timed through the training loop itself (training/loop.py), as
+`eicl train` runs it. With `stack` K > 1 the step is the stacked one
+(training/trainer.py): K replicas of the model, each on its own data stream,
+in one jitted step, their batches drawn by worker processes where
+train.draw_workers says so (data/batch_workers.py).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from . import config as config_mod
 from .config import Config
-from .flat_step import call_plan, steps_per_call
+from .training.loop import run_steps
+from .training.trainer import Trainer
 
 # The configs `eicl bench` measures when none is given: the paper's and a small one.
 DEFAULT_CONFIGS = ("images_all_exemplars.toml", "quickstart.toml")
@@ -82,108 +84,40 @@ def _block(tree: Any) -> None:
     jax.block_until_ready(jax.tree_util.tree_leaves(tree))
 
 
-class StepRunner:
-    """Training steps of one config (or K stacked copies of it, seeds
-    seed..seed+K-1) exactly as the training loop runs them: the next batch
-    is drawn on the host while the device works, and the host waits for the
-    device only at the end of `run`."""
-
-    def __init__(self, cfg: Config, dataset: Any, data: Any, generator: Any, stack: int = 1):
-        from .evaluate import device_label_masks
-        from .flat_step import Carry
-        from .data.sequences import train_fields
-
-        self.stack = stack
-        self.per_call = steps_per_call(cfg.train.steps_per_call)
-        self.batch_size = cfg.train.batch_size
-        self._trainer = None
-        if stack > 1:
-            from . import stack as stack_mod
-            cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
-                    for i in range(stack)]
-            trainer = self._trainer = stack_mod.StackedState.fresh(cfgs, dataset, data)
-            self._batches = trainer.batch
-            self._step_fn = stack_mod.make_stacked_step(cfg)
-            self._consts = trainer.consts
-            self.carry, self.sums = trainer.carry, trainer.sums
-        else:
-            from .train import initial_state, make_train_step, zero_sums
-            model, state, opt_state, step_key = initial_state(
-                cfg, tuple(dataset.images.shape[1:]))
-            self._batches = lambda step, k: {
-                name: jnp.asarray(a) for name, a in train_fields(generator, step, k).items()}
-            self._step_fn = make_train_step(cfg)
-            self._consts = (data, device_label_masks(generator, cfg.sequences.train_kind),
-                            step_key)
-            self.carry, self.sums = Carry.pack(model, state, opt_state), zero_sums()
-
-    def run(self, first: int, n: int) -> None:
-        """Steps first .. first + n - 1, then wait for the device; calls of
-        train.steps_per_call steps, as the training loop makes them."""
-        sizes = call_plan(first, first + n, self.per_call, ())
-        step, k = first, next(sizes, 0)
-        batch = self._batches(step, k) if k else None
-        while k:
-            self.carry, self.sums = self._step_fn.call(self._consts, self.carry, batch, step, k,
-                                                       self.sums)
-            step, k = step + k, next(sizes, 0)
-            if k:
-                batch = self._batches(step, k)  # drawn while the device computes
-        _block((self.carry.leaves, self.sums))
-
-    @property
-    def draw_workers(self) -> int:
-        """Processes drawing the stacked runs' batches (0: drawn in-process)."""
-        return self._trainer.draw_workers if self._trainer is not None else 0
-
-    def draw_rate(self, seconds: float) -> float:
-        """Sequences per second of drawing calls' batches as `run` draws
-        them (all runs', on the device; by the batch workers if any)."""
-        counter = iter(range(0, 10**12, self.per_call))
-        batch_rate = _rate(lambda: _block(self._batches(next(counter), self.per_call)), seconds)
-        return batch_rate * self.per_call * self.stack * self.batch_size
-
-    def close(self) -> None:
-        """Stop the stacked runs' batch workers, if any."""
-        if self._trainer is not None:
-            self._trainer.close()
-
-    def first_call(self, k: int) -> tuple[Any, tuple]:
-        """The jitted function of a call of k steps from step 0 and its
-        arguments, as `run` would pass them: for compiling it elsewhere
-        (benchmarks/gpu_program.py compiles it for a GPU without one)."""
-        args = (self._consts, self.carry.leaves, self._batches(0, k),
-                jnp.asarray(0, jnp.int32), self.sums)
-        return self._step_fn.jitted(self.carry.treedef, k), args
-
-    def model_and_state(self) -> tuple[Any, Any]:
-        """The (first) run's model and batch-norm state."""
-        model, state, _ = self.carry.unpack()
-        if self.stack > 1:
-            from .stack import replica
-            model, state = replica(model, 0), replica(state, 0)
-        return model, state
-
-
-def _time_training(runner: StepRunner, steps: int, draw_seconds: float) -> dict[str, Any]:
+def _time_training(trainer: Trainer, steps: int, draw_seconds: float) -> dict[str, Any]:
     """Compile time apart, then the steady state over about `steps` steps
-    (whole calls), then how fast the host draws the calls' batches."""
-    per_call = runner.per_call
+    (whole calls) run by the training loop with nothing to log, evaluate or
+    save, then how fast the host draws the calls' batches."""
+    per_call = trainer.per_call
     steps = -(-steps // per_call) * per_call  # whole calls only: no second compilation
-    started = time.perf_counter()
-    runner.run(0, per_call)
-    first_call = time.perf_counter() - started
-    runner.run(per_call, per_call)  # a second untimed call: any one-off work after compiling
-    started = time.perf_counter()
-    runner.run(2 * per_call, steps)
-    took = time.perf_counter() - started
+
+    def timed(first: int, n: int) -> float:
+        started = time.perf_counter()
+        run_steps(trainer, first, first + n)
+        _block((trainer.carry.leaves, trainer.sums))
+        return time.perf_counter() - started
+
+    first_call = timed(0, per_call)
+    timed(per_call, per_call)  # a second untimed call: any one-off work after compiling
+    took = timed(2 * per_call, steps)
     step_s = took / steps
-    return {"steps_per_call": per_call, "draw_workers": runner.draw_workers,
-            "draw_sequences_per_s": round(runner.draw_rate(draw_seconds), 1),
+    counter = iter(range(0, 10**12, per_call))
+    batch_rate = _rate(lambda: _block(trainer.batch(next(counter), per_call)), draw_seconds)
+    sequences = len(trainer.cfgs) * trainer.cfgs[0].train.batch_size  # per step
+    return {"steps_per_call": per_call, "draw_workers": trainer.draw_workers,
+            "draw_sequences_per_s": round(batch_rate * per_call * sequences, 1),
             "compile_s": round(max(first_call - step_s * per_call, 0.0), 2),
             "train_steps": steps, "train_steps_per_s": round(steps / took, 3),
-            "train_sequences_per_s": round(steps * runner.batch_size * runner.stack / took, 1),
+            "train_sequences_per_s": round(steps * sequences / took, 1),
             "step_ms": round(1000 * step_s, 2)}
+
+
+def bench_trainer(cfg: Config, dataset: Any, data: Any, stack: int = 1) -> Trainer:
+    """The runs `eicl bench` times: the config alone, or K stacked copies of
+    it at seeds seed..seed+K-1, on this machine's default device."""
+    cfgs = [cfg.replace(run=dataclasses.replace(cfg.run, seed=cfg.run.seed + i))
+            for i in range(stack)]
+    return Trainer(cfgs, dataset, data)
 
 
 def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
@@ -217,12 +151,12 @@ def bench_config(cfg: Config, *, steps: int, stack: int = 1, name: str = "",
         _rate(lambda: generator.train_batch(next(counter)), generator_seconds) * b, 1)
 
     data = device_data(dataset, cfg)
-    runner = StepRunner(cfg, dataset, data, generator, stack)
+    trainer = bench_trainer(cfg, dataset, data, stack)
     try:
-        out.update(_time_training(runner, steps, generator_seconds))
-        model, state = runner.model_and_state()
+        out.update(_time_training(trainer, steps, generator_seconds))
+        model, state, _ = trainer.run(0)
     finally:
-        runner.close()
+        trainer.close()
 
     # Evaluation of one replica: the first eval mode, after its compilation.
     mode = cfg.eval.modes[0]

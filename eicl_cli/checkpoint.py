@@ -15,10 +15,10 @@ line naming it.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -32,8 +32,6 @@ from .runs import atomic_write_bytes
 
 FORMAT = "eicl-checkpoint"
 VERSION = "1"
-# Tests set this to make a write slow enough to SIGKILL mid-file.
-_SLOW_WRITE_ENV = "EICL_TEST_SLOW_CHECKPOINT_WRITE"
 
 
 class CheckpointError(EiclError):
@@ -100,18 +98,7 @@ def save(path: Path, *, step: int, model: Any, state: Any, opt_state: Any,
     metadata = {"format": FORMAT, "version": VERSION, "step": str(int(step)),
                 "config": config_toml, "final": "true" if final else "false",
                 "sha256": _digest(tensors), **(extra or {})}
-    atomic_write_bytes(Path(path), st.save(tensors, metadata=metadata),
-                       pause_halfway=_slow_write_seconds(step))
-
-
-def _slow_write_seconds(step: int) -> float:
-    """Test hook: "S" sleeps S seconds half-way through every write, "S@N" only
-    through the write of step N's checkpoint."""
-    value = os.environ.get(_SLOW_WRITE_ENV, "")
-    if not value:
-        return 0.0
-    seconds, _, only = value.partition("@")
-    return float(seconds) if not only or int(only) == int(step) else 0.0
+    atomic_write_bytes(Path(path), st.save(tensors, metadata=metadata))
 
 
 # ---------------------------------------------------------------- load
@@ -211,3 +198,27 @@ def prune(checkpoints: list[tuple[int, Path]], keep: int) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+T = TypeVar("T")
+
+
+def load_newest(candidates: Iterable[tuple[int, Path]], folder: Path,
+                warn: Callable[[str], None], load: Callable[[Path], T]) -> T | None:
+    """What `load` makes of the first of a run's checkpoints (newest first)
+    that is intact: a corrupt one is skipped with `warn`, one written for
+    another model or optimizer (CheckpointMismatch) stops the search, so that
+    a changed config never silently goes back to an older checkpoint. None
+    when there are none; EiclError when every one is corrupt."""
+    corrupt = 0
+    for _, path in candidates:
+        try:
+            return load(path)
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            warn(f"skipping {path.name}: {e}")
+            corrupt += 1
+    if corrupt:
+        raise EiclError(f"no intact checkpoint in {folder} ({corrupt} corrupt)")
+    return None

@@ -4,7 +4,6 @@ into the library. All user-facing errors become one line on stderr, exit 2."""
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -40,10 +39,6 @@ def user_errors(fn):
         except EiclError as e:
             fail(str(e))
     return wrapper
-
-
-def not_built(name: str) -> None:
-    fail(f"`eicl {name}` is not built yet", code=2)
 
 
 @app.command("prepare-data")
@@ -111,27 +106,13 @@ def train(
     Ctrl+C saves a checkpoint; continue with --resume RUN. Uses every local
     device (batch split, parameters replicated); several hosts with
     --coordinator/--num-processes/--process-id or --distributed."""
-    from . import config as config_mod, display, runs
-    from . import train as train_mod
-    from .parallel import initialize_distributed
+    from . import display, runs, training
+    from .parallel import initialize_distributed, is_writer
     initialize_distributed(coordinator, num_processes, process_id, auto=distributed)
-    if resume is not None:
-        if config is not None or out is not None:
-            raise EiclError("--resume continues a run with its own config and folder; "
-                            "drop --config/--out (change keys with --set)")
-        if not runs.is_run_dir(resume):
-            raise EiclError(f"--resume {resume}: not a run folder (no {runs.CONFIG_FILE})")
-        cfg = config_mod.load(resume / runs.CONFIG_FILE, set_ or [])
-    elif config is not None:
-        cfg = config_mod.load(config, set_ or [])
-    else:
-        cfg = config_mod.from_dict(config_mod.apply_overrides({}, set_ or []))
-        if not (print_config or print_model):
-            # The defaults are the paper's experiment: days on a CPU. Say so.
-            display.info(f"no --config: the paper's defaults ({cfg.embedding.example_encoder} "
-                         f"encoder, {cfg.run.steps:,} steps); see configs/ for others")
+    cfg = training.train_config(config, out, set_ or [], resume)
     if print_config:
-        display.print_json(config_mod.to_toml(train_mod.resolved_config(cfg)).rstrip("\n"))
+        from .config import to_toml
+        display.print_json(to_toml(training.resolved_config(cfg)).rstrip("\n"))
         return
     if print_model:
         from .model import build_model, parameter_counts
@@ -142,42 +123,24 @@ def train(
                                   title=f"{cfg.model.kind} ({cfg.embedding.example_encoder} "
                                         f"encoder), {cfg.num_classes} classes")
         return
-    from .data.dataset import load_dataset
-    from .data.sequences import SequenceGenerator
-    from .parallel import is_writer, process_count
-    if process_count() > 1 and resume is None and out is None:
-        # A default name holds the start time, which the hosts would not agree on.
-        raise EiclError("multi-host training needs --out RUN (a folder on a filesystem every "
-                        "host shares) or --resume RUN, so that all processes name one folder")
-    train_mod.enable_compile_cache(cfg)
-    dataset = load_dataset(cfg)  # before making a folder, so a missing cache leaves none
-    train_mod.placement(cfg)  # likewise a batch or stem the devices refuse
-    SequenceGenerator(dataset, cfg)  # and labels or all_unique parts the data cannot give
-    if resume is not None:
-        run_dir = resume
-    else:
-        cfg = train_mod.with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)
-        if is_writer():  # process 0 makes the folder; the others write nothing
-            run_dir = runs.new_run_dir(cfg, config, out)
-            runs.write_config(run_dir, cfg)
-            display.info(f"run folder: {run_dir}")
-        else:
-            run_dir = out
+    if config is None and resume is None:
+        # The defaults are the paper's experiment: days on a CPU. Say so.
+        display.info(f"no --config: the paper's defaults ({cfg.embedding.example_encoder} "
+                     f"encoder, {cfg.run.steps:,} steps); see configs/ for others")
+    start = training.start_run(cfg, config, out, resume)
+    run_dir = start.run_dirs[0]
+    if resume is None and is_writer():  # the folder process 0 made
+        display.info(f"run folder: {run_dir}")
     try:
-        outcome = train_mod.train(cfg, run_dir, resume=resume is not None, dataset=dataset)
+        outcome = training.train_runs(start.cfgs, start.run_dirs, resume=start.resume,
+                                      dataset=start.dataset)
     except KeyboardInterrupt:  # a second Ctrl+C: quit at once, no checkpoint
         display.warn(f"stopped without saving; resume with: eicl train --resume {run_dir}")
         raise typer.Exit(130)
+    display.print_train_outcome(outcome.status, outcome.step, cfg.run.steps, run_dir,
+                                runs.checkpoint_dir(run_dir))
     if outcome.status == "interrupted":
-        display.info(f"interrupted at step {outcome.step}; resume with: "
-                     f"eicl train --resume {run_dir}")
         raise typer.Exit(130)
-    if outcome.status == "already_done":
-        display.info(f"{run_dir} is already at step {outcome.step} (run.steps = "
-                     f"{cfg.run.steps}): nothing to do, the run is unchanged; continue it "
-                     f"with --set run.steps=N, N > {outcome.step}")
-        return
-    display.info(f"finished {outcome.step} steps; checkpoints in {runs.checkpoint_dir(run_dir)}")
 
 
 @app.command("eval")
@@ -376,37 +339,17 @@ def train_stack(
     sweep_dir: Annotated[Path, typer.Option("--sweep-dir", help="The sweep folder.")],
 ) -> None:
     """(Used by `eicl sweep --stack`.) Train several sweep runs in one stacked step."""
-    from . import config as config_mod, display, runs, stack as stack_mod
-    from . import train as train_mod
-    from .data.dataset import load_dataset
-    from .data.sequences import SequenceGenerator
-    cfgs, dirs = [], []
-    for name in names:
-        run_dir = sweep_dir / name
-        if runs.is_run_dir(run_dir):
-            cfgs.append(runs.read_config(run_dir))
-        else:
-            cfgs.append(config_mod.load(sweep_dir / "configs" / f"{name}.toml"))
-        dirs.append(run_dir)
-    stack_mod.check_stackable(cfgs, names)
-    train_mod.enable_compile_cache(cfgs[0])
-    dataset = load_dataset(cfgs[0])
-    for cfg in cfgs:  # refusals before any run folder is made
-        SequenceGenerator(dataset, cfg)
-    for i, (cfg, run_dir) in enumerate(zip(cfgs, dirs)):
-        if not runs.is_run_dir(run_dir):
-            cfgs[i] = train_mod.with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)
-            runs.new_run_dir(cfgs[i], None, run_dir)
-            runs.write_config(run_dir, cfgs[i])
+    from . import display, training
+    start = training.start_stack(sweep_dir, names)
     try:
-        steps = stack_mod.train_stack(cfgs, dirs, dataset=dataset)
+        outcome = training.train_runs(start.cfgs, start.run_dirs, dataset=start.dataset)
     except KeyboardInterrupt:
         display.warn("stopped without saving")
         raise typer.Exit(130)
-    if steps[0] < cfgs[0].run.steps:
-        display.info(f"interrupted at step {steps[0]}")
+    if outcome.status == "interrupted":
+        display.info(f"interrupted at step {outcome.step}")
         raise typer.Exit(130)
-    display.info(f"finished {len(names)} stacked runs at step {steps[0]}")
+    display.info(f"finished {len(names)} stacked runs at step {outcome.step}")
 
 
 @app.command()
@@ -446,20 +389,6 @@ def bench(
         display.print_bench_table(results)
 
 
-def main() -> None:
-    """The commands, run as `python -m eicl_cli.cli` (or from the `eicl`
-    console script, __main__.py, which has already re-executed): huge pages
-    for XLA's buffers first (hugepages.py), then the commands."""
-    from .hugepages import reexec_with_huge_pages
-    # Re-execute only a process that is eicl itself: called from inside
-    # another program (a notebook's kernel, a user's script), exec would
-    # restart that program instead.
-    program = Path(sys.argv[0])
-    if program.name == "eicl" or program.resolve() == Path(__file__).resolve():
-        reexec_with_huge_pages()
-    sys.exit(run_app())
-
-
 def run_app(args: list[str] | None = None) -> int:
     """The commands; a usage error (an option's bad value, a missing argument,
     an unknown option) is one line on stderr and exit 2, like EiclError,
@@ -479,6 +408,3 @@ def run_app(args: list[str] | None = None) -> int:
         return e.exit_code
     return code if isinstance(code, int) else 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Typed experiment configuration: TOML in, validated dataclasses out, TOML back.
 
-Every knob of SPEC.md has a field here. A config is loaded once, at the edge
+Every knob of docs/experiment.md has a field here. A config is loaded once, at the edge
 (the CLI), validated, and then passed around as a frozen tree of dataclasses.
 """
 
@@ -252,7 +252,7 @@ def parse_labeling(name: str) -> tuple[str, int]:
 
 
 def num_classes(cfg: Config) -> int:
-    """The model's output size (SPEC 4)."""
+    """The model's output size (docs/experiment.md §4)."""
     c = cfg.classes
     kind, x = parse_labeling(cfg.sequences.labeling_rare)
     if kind == "polysemy":
@@ -341,6 +341,11 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not base_path.is_file():
         raise ConfigError(f"{path}: base file not found: {base_path}")
     return _merge(_read_toml(base_path, seen + (path.resolve(),)), raw)
+
+
+def read_with_bases(path: str | Path) -> dict:
+    """A config file's raw TOML with its `base` chain merged in."""
+    return _read_toml(Path(path).resolve())
 
 
 def parse_override(item: str) -> tuple[str, Any]:

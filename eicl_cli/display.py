@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -143,7 +144,7 @@ def eval_table(rows: list[dict], title: str):
 
 
 def sources_table(rows: list[dict]):
-    """The from_* metrics of SPEC 8: where the query predictions come from."""
+    """The from_* metrics of docs/experiment.md §8: where the query predictions come from."""
     from rich import box
     from rich.table import Table
     table = Table(title="where the query predictions come from (share of sequences)",
@@ -179,6 +180,19 @@ def print_eval_results(rows: list[dict], title: str, live: bool | None = None) -
                       markup=False, highlight=False, soft_wrap=True, emoji=False)
 
 
+def print_train_outcome(status: str, step: int, steps: int, run_dir: Path,
+                        checkpoints: Path) -> None:
+    """How `eicl train` ended: finished, interrupted (and how to go on), or
+    nothing to do."""
+    if status == "interrupted":
+        info(f"interrupted at step {step}; resume with: eicl train --resume {run_dir}")
+    elif status == "already_done":
+        info(f"{run_dir} is already at step {step} (run.steps = {steps}): nothing to do, the "
+             f"run is unchanged; continue it with --set run.steps=N, N > {step}")
+    else:
+        info(f"finished {step} steps; checkpoints in {checkpoints}")
+
+
 def print_json(text: str) -> None:
     """Machine-readable output, unstyled and unwrapped."""
     sys.stdout.write(text + "\n")
@@ -198,7 +212,7 @@ def sweep_table(statuses: list, keys: list[str], title: str):
     from rich.table import Table
     from rich.text import Text
 
-    from .sweep import format_value
+    from .sweep.spec import format_value
     table = Table(title=title, title_justify="left")
     shorts = [k.split(".", 1)[-1] for k in keys]
     for k, s in zip(keys, shorts):

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,13 +43,35 @@ def _version(package: str) -> str | None:
         return None
 
 
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def enable_compile_cache(data_dir: Path) -> None:
+    """Keep XLA's compiled programs in <data dir>/jax-cache, so the second run
+    of a config (a sweep's other points, a resume, `eicl eval`) skips most of
+    the compile time. An explicit JAX_COMPILATION_CACHE_DIR wins; setting
+    EICL_NO_COMPILE_CACHE=1 turns it off."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("EICL_NO_COMPILE_CACHE"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir(data_dir)))
+
+
+def compile_cache_dir(data_dir: Path) -> Path:
+    """<data dir>/jax-cache/cpus<N>, N the CPUs this process may run on: XLA's
+    CPU code is built for the thread pool it compiles with, and JAX's cache
+    key does not include it, so a step compiled with one core runs slower
+    when reused by a process with more (docs/performance.md)."""
+    return Path(data_dir) / "jax-cache" / f"cpus{usable_cpu_count()}"
+
+
 def record(step: int) -> dict[str, Any]:
     """One environment record, for a run (re)starting at `step`."""
     devices = jax.devices()
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count()
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "step": step,
@@ -56,7 +79,7 @@ def record(step: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
-        "cpus": cpus,
+        "cpus": usable_cpu_count(),
         "packages": {p: _version(p) for p in PACKAGES},
         "backend": jax.default_backend(),
         "devices": [getattr(d, "device_kind", d.platform) for d in devices],

@@ -1,14 +1,12 @@
 """Evaluation on fixed, seeded sets of sequences per mode, in large batches.
 
-Every metric of SPEC 8 is computed per batch on the device (metrics.py) as a
-mean; here the batch means are weighted by batch size and summed on the
-device, so the result is the exact mean over all n sequences whatever the
-batch size, with one device->host transfer per mode.
+Every metric of docs/experiment.md §8 is computed per batch on the device
+(metrics.py) as a mean; here the batch means are weighted by batch size and
+summed on the device, so the result is the exact mean over all n sequences
+whatever the batch size, with one device->host transfer per mode.
 
-The paper's headline numbers: IWL = the no_support_* modes, ICL =
-fewshot_holdout. Few-shot classes are drawn with replacement, so a sequence
-can show one class under two labels; `fewshot_ceiling` is the best accuracy
-any learner can reach and is reported beside the number.
+Which mode stands for ICL and which for IWL, and the ceiling reported
+beside a few-shot accuracy, are the rules of eval_modes.py.
 """
 
 from __future__ import annotations
@@ -23,62 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, runs
+from . import checkpoint, environment, runs
 from . import config as config_mod
 from .config import Config
 from .errors import EiclError
 from .inputs import DeviceData, materialise, to_device
-
-from .metrics import METRIC_NAMES as METRICS  # the SPEC 8 metrics, in display order
+from .eval_modes import mode_ceiling, polysemy_factor, role
+from .metrics import METRIC_NAMES as METRICS  # the §8 metrics, in display order
 from .optim import evaluation_model, make_optimizer
-
-
-def role(mode: str) -> str:
-    """'IWL' / 'ICL' for the paper's headline modes, '' for the others."""
-    if mode.startswith("no_support_"):
-        return "IWL"
-    if mode == "fewshot_holdout":
-        return "ICL"
-    return ""
-
-
-def fewshot_ceiling(n_pool: int, ways: int) -> float:
-    """Best achievable few-shot accuracy when the `ways` classes are drawn
-    uniformly WITH replacement from n_pool classes and labelled 0..ways-1 by
-    draw order: if the query's class also fills K other slots, its label is one
-    of K+1 equally plausible ones, so a perfect learner scores E[1/(K+1)] with
-    K ~ Binomial(ways-1, 1/n). That mean is (1 - (1-p)^ways) / (ways * p);
-    for n = 10 holdout classes and 2 ways it is 0.95."""
-    if n_pool <= 0:
-        return float("nan")
-    p = 1.0 / n_pool
-    return (1.0 - (1.0 - p) ** ways) / (ways * p)
-
-
-def mode_ceiling(cfg: Config, mode: str) -> float | None:
-    """The ceiling of a few-shot mode whose pool is uniform; None otherwise."""
-    c, ways = cfg.classes, cfg.sequences.ways
-    if mode == "fewshot_holdout":
-        return fewshot_ceiling(c.n_holdout, ways)
-    if mode in ("fewshot_common", "fewshot_rare") and (
-            c.zipf_exponent == 0 or not c.use_zipf_for_common_rare):
-        return fewshot_ceiling(c.n_common if mode == "fewshot_common" else c.n_rare, ways)
-    if mode == "fewshot_zipfian" and c.zipf_exponent == 0:
-        return fewshot_ceiling(c.n_common + c.n_rare, ways)
-    return None
 
 
 def _mode_key(seed: int, mode: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(mode.encode()) & 0x7FFFFFFF)
-
-
-def polysemy_factor(cfg: Config, mode: str) -> int:
-    """X when rare classes own X labels each (ordered_polysemyX) and the mode's
-    queries may be rare: any of a class's X labels then counts as right."""
-    kind, x = config_mod.parse_labeling(cfg.sequences.labeling_rare)
-    if kind == "polysemy" and mode in ("no_support_rare", "no_support_zipfian"):
-        return x
-    return 1
 
 
 @eqx.filter_jit
@@ -187,8 +141,7 @@ def restore_for_eval(target: Path, dataset_loader=None):
     from .inputs import device_data
 
     def prepare(cfg: Config):
-        from .train import enable_compile_cache
-        enable_compile_cache(cfg)
+        environment.enable_compile_cache(config_mod.data_dir(cfg))
         dataset = (dataset_loader or load_dataset)(cfg)
         if cfg.data.cache_sha256 and dataset.cache_sha256 and \
                 dataset.cache_sha256 != cfg.data.cache_sha256:
@@ -197,36 +150,30 @@ def restore_for_eval(target: Path, dataset_loader=None):
         skeleton = build_skeleton(cfg, tuple(dataset.images.shape[1:]))
         return cfg, SequenceGenerator(dataset, cfg), device_data(dataset, cfg), skeleton
 
-    candidates, run_dir = resolve_checkpoint(target)
-    errors, prepared = [], None
-    for _, path in candidates:
-        try:
-            cfg = config_of_checkpoint(path)
-            # The checkpoints of one run share a config: load its data once.
-            if prepared is None or prepared[0] != cfg:
-                prepared = prepare(cfg)
-            _, generator, data, (model, state) = prepared
-            # The parameters' moving average, if the run kept one, lives in
-            # the optimizer state: load that too, and evaluate the average.
-            # Its skeleton is abstract (shapes only): nothing is allocated
-            # for the Adam moments before the checkpoint's arrive.
-            opt_state = None
-            if cfg.train.ema_decay > 0:
-                opt_state = jax.eval_shape(make_optimizer(cfg).init,
-                                           eqx.filter(model, eqx.is_inexact_array))
-            loaded = checkpoint.load(path, model=model, state=state, opt_state=opt_state)
-        except checkpoint.CheckpointMismatch:
-            raise
-        except checkpoint.CheckpointError as e:
-            if run_dir is None:
-                raise
-            display.warn(f"skipping {path.name}: {e}")
-            errors.append(str(e))
-            continue
+    prepared: list = []
+
+    def load(path: Path):
+        cfg = config_of_checkpoint(path)
+        # The checkpoints of one run share a config: load its data once.
+        if not prepared or prepared[0][0] != cfg:
+            prepared[:] = [prepare(cfg)]
+        _, generator, data, (model, state) = prepared[0]
+        # The parameters' moving average, if the run kept one, lives in the
+        # optimizer state: load that too, and evaluate the average. Its
+        # skeleton is abstract (shapes only): nothing is allocated for the
+        # Adam moments before the checkpoint's arrive.
+        opt_state = None
+        if cfg.train.ema_decay > 0:
+            opt_state = jax.eval_shape(make_optimizer(cfg).init,
+                                       eqx.filter(model, eqx.is_inexact_array))
+        loaded = checkpoint.load(path, model=model, state=state, opt_state=opt_state)
         model = evaluation_model(loaded.model, loaded.opt_state)
         return Restored(cfg, model, loaded.state, loaded.step, path), data, generator
-    raise EiclError(f"no intact checkpoint in {runs.checkpoint_dir(run_dir)} "
-                    f"({len(errors)} corrupt)")
+
+    candidates, run_dir = resolve_checkpoint(target)
+    if run_dir is None:  # one file: its error is the answer
+        return load(candidates[0][1])
+    return checkpoint.load_newest(candidates, runs.checkpoint_dir(run_dir), display.warn, load)
 
 
 def check_modes(modes: list[str]) -> None:

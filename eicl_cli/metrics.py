@@ -1,4 +1,4 @@
-"""Loss and the metrics of SPEC 8, computed on device for a whole batch.
+"""Loss and the metrics of docs/experiment.md §8, computed on device for a whole batch.
 
 Inputs are the model's per-image logits (B, L, C) (position L-1 is the query)
 and the labels (B, L). The label masks come from the sequence generator
@@ -46,7 +46,7 @@ def loss_fn(logits: jax.Array, labels: jax.Array, w_interim: float = 0.0) -> jax
 
 def batch_metrics(logits: jax.Array, labels: jax.Array, masks: Mapping[str, jax.Array],
                   *, polysemy: int = 1) -> dict[str, jax.Array]:
-    """Per-batch means of every SPEC 8 metric, on the query position.
+    """Per-batch means of every docs/experiment.md §8 metric, on the query position.
 
     - accuracy_query: argmax over all labels equals the target;
     - accuracy_closed: argmax over the `closed` labels only equals the target;

@@ -1,4 +1,4 @@
-"""The optimizer and its learning-rate schedule (SPEC 7).
+"""The optimizer and its learning-rate schedule (docs/experiment.md §7).
 
 The paper's schedule ("rsqrt") follows the original experiment exactly:
 

@@ -16,7 +16,8 @@ from matplotlib.ticker import FuncFormatter
 
 from . import runs, sweep
 from .errors import EiclError
-from .report import Row, _short
+from .eval_modes import ICL_MODE
+from .report import Row
 
 
 def _label(row: Row, keys: list[str]) -> str:
@@ -25,7 +26,7 @@ def _label(row: Row, keys: list[str]) -> str:
     if len(keys) == 1 and shown:
         text = sweep.format_value(row.values[shown[0]])
     else:
-        parts = [f"{_short(k, keys)}={sweep.format_value(row.values[k])}" for k in shown]
+        parts = [f"{sweep.short_names(keys)[k]}={sweep.format_value(row.values[k])}" for k in shown]
         if "label" in row.values:
             parts = [str(row.values["label"])]  # a zip label names the whole tuple
         elif not row.source and ("label" in keys or len(parts) > 2):
@@ -84,7 +85,7 @@ def plot_curves(rows: list[Row], keys: list[str], path: Path,
     names = {"accuracy_query": "strict (all labels)", "accuracy_closed": "closed (ways labels)"}
     few_points = max(len(r.curve(w, metric)[0]) for r in rows for w in ("ICL", "IWL")) < 16
     iwl_modes = sorted({r.iwl_mode for r in rows if r.iwl_mode})
-    panels = (("ICL", f"In-context learning: {sweep.ICL_MODE}"),
+    panels = (("ICL", f"In-context learning: {ICL_MODE}"),
               ("IWL", "In-weights learning: " + (" / ".join(iwl_modes) or "no_support")))
     for ax, (which, heading) in zip(axes, panels):
         for i, row in enumerate(rows):
@@ -116,7 +117,7 @@ def plot_curves(rows: list[Row], keys: list[str], path: Path,
     axes[0].set_ylabel("accuracy")
     handles, labels = axes[0].get_legend_handles_labels()
     shown = [k for k in keys if k != "label"]
-    legend_title = _short(shown[0], keys) if len(shown) == 1 and "label" not in keys else None
+    legend_title = sweep.short_names(keys)[shown[0]] if len(shown) == 1 and "label" not in keys else None
     fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.80, 0.88),
                fontsize=9, title=legend_title, frameon=False)
     styles = [Line2D([], [], color="black", lw=1.8, label=names[metric]),

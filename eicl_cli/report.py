@@ -1,6 +1,6 @@
 """IWL vs ICL per run and per sweep point: final and best values with their steps.
 
-ICL is accuracy on `fewshot_holdout` (SPEC 8): `accuracy_query` (strict: the
+ICL is accuracy on `fewshot_holdout` (docs/experiment.md §8): `accuracy_query` (strict: the
 model must emit the context's label among all outputs) and `accuracy_closed`
 (argmax over the `ways` few-shot labels only; chance 1/ways). IWL is
 accuracy on the run's no_support mode (`no_support_zipfian`, else
@@ -24,18 +24,11 @@ from typing import Any
 
 from . import config as config_mod
 from . import runs, sweep
+from .eval_modes import ICL_MODE, iwl_mode, mode_ceiling
+from .experiment_keys import SAME_EXPERIMENT_KEYS, experiment_identity, flat
 from .errors import EiclError
 
 METRICS = ("accuracy_query", "accuracy_closed")
-# Config keys that differ between runs without changing the experiment.
-_NOT_SWEPT = {"run.name", "run.out_dir", "data.cache_file", "data.cache_sha256",
-              "data.data_dir", "run.seed",
-              # how the step is compiled and called, not what it computes
-              "transformer.unroll", "embedding.conv_impl", "embedding.stem_impl",
-              "train.steps_per_call",
-              "train.draw_workers"}
-
-
 @dataclass
 class Curve:
     steps: list[int]
@@ -95,11 +88,11 @@ def load_run(path: Path) -> RunResult:
         name, progress = path.name.removesuffix(COPY_METRICS), None
     else:
         cfg, name, progress = runs.read_config(path), path.name, sweep.run_progress(path)
-    mode = sweep.iwl_mode(cfg.eval.modes)
+    mode = iwl_mode(cfg.eval.modes)
     records = runs.read_metrics(path)
     evals = [r for r in records if r.get("kind") == "eval"]
     curves = {}
-    for which, m in (("ICL", sweep.ICL_MODE), ("IWL", mode)):
+    for which, m in (("ICL", ICL_MODE), ("IWL", mode)):
         recs = [r for r in evals if m and r.get("mode") == m]
         for metric in METRICS:
             curves[(which, metric)] = _curve(recs, metric)
@@ -126,9 +119,8 @@ def _copies_in(folder: Path) -> list[Path]:
 
 
 def icl_ceiling(cfg: config_mod.Config) -> float | None:
-    """Best expected fewshot_holdout accuracy of a perfect learner (SPEC 8)."""
-    from .evaluate import mode_ceiling  # imported here: it pulls in JAX
-    return mode_ceiling(cfg, sweep.ICL_MODE)
+    """Best expected fewshot_holdout accuracy of a perfect learner (docs/experiment.md §8)."""
+    return mode_ceiling(cfg, ICL_MODE)
 
 
 # ---------------------------------------------------------------- rows
@@ -200,26 +192,11 @@ class Row:
         return sum(r.finished for r in self.runs)
 
 
-def _flat(cfg: config_mod.Config) -> dict[str, Any]:
-    """section.key -> value, leaving out the sections the run's model does not
-    use (`rnn` for a transformer, `transformer` for a recurrent model), so
-    that their inherited values do not read as differences."""
-    unused = {"rnn"} if cfg.model.kind == "transformer" else {"transformer"}
-    return {f"{s}.{k}": v for s, sec in config_mod.to_dict(cfg).items() if s not in unused
-            for k, v in sec.items()}
-
-
-def _short(key: str, keys: list[str]) -> str:
-    s = key.split(".", 1)[-1]
-    return s if sum(k.split(".", 1)[-1] == s for k in keys) == 1 else key
-
-
 def _experiment(row: Row) -> str | None:
     """What a row's runs compute, seed and bookkeeping keys left out."""
     if not row.runs:
         return None
-    flat = _flat(row.runs[0].config)
-    return repr(sorted((k, repr(v)) for k, v in flat.items() if k not in _NOT_SWEPT))
+    return experiment_identity(row.runs[0].config)
 
 
 def _pool(rows: list[Row]) -> list[Row]:
@@ -296,7 +273,7 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
     # sweep shown beside the runs it is compared with must show what sets
     # them apart (say a key its [set] table holds for all its points), while
     # the keys a zip sweep ties to its labels stay behind those labels.
-    flat_of = [(row, _flat(row.runs[0].config)) for row in rows if row.runs]
+    flat_of = [(row, flat(row.runs[0].config, used_only=True)) for row in rows if row.runs]
     flats = [f for _, f in flat_of]
     lone = [f for row, f in flat_of if not row.source]
 
@@ -304,13 +281,13 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
         return len({repr(f[k]) for f in among if k in f}) > 1
 
     for k in dict.fromkeys(k for f in flats for k in f):
-        if k not in _NOT_SWEPT and k not in keys and (
+        if k not in SAME_EXPERIMENT_KEYS and k not in keys and (
                 differ(k, lone) or (k not in in_points and differ(k, flats))):
             keys.append(k)
-    for row, flat in flat_of:  # a column every row can fill: mixed sweeps and runs line up
+    for row, values in flat_of:  # a column every row can fill: mixed sweeps and runs line up
         for k in keys:
-            if k not in row.values and k in flat:
-                row.values[k] = flat[k]
+            if k not in row.values and k in values:
+                row.values[k] = values[k]
     _mark(rows)
     return rows, keys
 
@@ -385,7 +362,8 @@ def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query"
     shared = {n for n in shared if n == "synthetic data"}
     notes_of = {id(r): [n for n in r.notes if n not in shared] for r in rows}
     headers = (["sweep"] if show_source else []) + (["run"] if show_label else [])
-    headers += [_short(k, keys) for k in keys]
+    shorts = sweep.short_names(keys)
+    headers += [shorts[k] for k in keys]
     headers += ["n", "step", "ICL final", "ICL best", f"ICL {tag[other]}", "IWL final",
                 "IWL best"]
     if len(iwl_modes) > 1:
@@ -450,7 +428,7 @@ def to_json(rows: list[Row], keys: list[str]) -> str:
             "dataset": sorted({x.config.data.dataset for x in r.runs}),
             "synthetic": r.synthetic,
             "eval_modes": sorted({m for x in r.runs for m in x.eval_modes}),
-            "iwl_mode": r.iwl_mode, "icl_mode": sweep.ICL_MODE,
+            "iwl_mode": r.iwl_mode, "icl_mode": ICL_MODE,
             "icl_ceiling": r.ceiling, "notes": r.notes,
         }
         for which in ("ICL", "IWL"):

@@ -37,18 +37,11 @@ ENVIRONMENT_FILE = "environment.jsonl"
 _CKPT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
-def atomic_write_bytes(path: Path, data: bytes, pause_halfway: float = 0.0) -> None:
-    """Write to a temporary name, fsync, rename: readers never see half a file.
-    `pause_halfway` (seconds, tests only) sleeps with half the bytes written,
-    so a test can kill the writer mid-write."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        if pause_halfway > 0:
-            f.write(data[:len(data) // 2])
-            f.flush()
-            time.sleep(pause_halfway)
-            data = data[len(data) // 2:]
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

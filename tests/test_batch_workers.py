@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eicl_cli import runs, stack, sweep
-from eicl_cli import train as train_mod
+from eicl_cli import runs, sweep
+from eicl_cli import training
 from eicl_cli.data.batch_workers import BatchWorkers, worker_count
 from eicl_cli.data.dataset import load_dataset
 from eicl_cli.data.sequences import SequenceGenerator, train_fields
@@ -90,12 +90,12 @@ def test_stacked_training_with_workers_equals_training_without(data_dir: Path, t
     sgd = ["optimizer.name=\"sgd\"", "optimizer.max_lr=0.05", "optimizer.warmup_steps=0"]
     ends = {}
     for n_workers in (0, 2):
-        cfgs = [train_mod.resolved_config(tiny(
+        cfgs = [training.resolved_config(tiny(
             data_dir, *p, *sgd, "run.steps=10", "run.log_every=5", "run.eval_every=10",
             "run.checkpoint_every=10", "train.steps_per_call=2",
             f"train.draw_workers={n_workers}")) for p in POINTS]
         dirs = new_run_dirs(cfgs, tmp_path, f"w{n_workers}_")
-        assert stack.train_stack(cfgs, dirs, live=False) == [10] * 3
+        assert training.train_runs(cfgs, dirs, live=False).step == 10
         assert [e["draw_workers"] for d in dirs for e in runs.read_environment(d)] == \
             [n_workers] * 3
         strip = {"time", "steps_per_s", "sequences_per_s"}

@@ -28,7 +28,7 @@ def test_bench_json_reports_every_figure_plain_and_stacked(data_dir: Path):
     for r in rows:
         assert r["stack"] == 2 and r["train_steps"] == 3 and r["config"] == "tiny"
         assert r["set"] == [f'data.data_dir="{data_dir}"'] and r["xla_flags"] == flags
-        # `python -m eicl_cli.cli` re-executed itself for huge pages (hugepages.py).
+        # `python -m eicl_cli` re-executed itself for huge pages (hugepages.py).
         assert r["glibc_tunables"] == (TUNABLE if wanted(os.environ, platform.libc_ver(),
                                                          sys.platform)
                                        else os.environ.get("GLIBC_TUNABLES") or None)

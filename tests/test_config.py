@@ -124,7 +124,7 @@ def test_bad_override_refused() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eicl_cli.cli", *args],
+    return subprocess.run([sys.executable, "-m", "eicl_cli", *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 
@@ -172,7 +172,7 @@ def test_every_key_documented_in_readme() -> None:
 
 def test_cli_print_model_needs_no_data(tmp_path: Path) -> None:
     import os
-    out = subprocess.run([sys.executable, "-m", "eicl_cli.cli", "train", "--config",
+    out = subprocess.run([sys.executable, "-m", "eicl_cli", "train", "--config",
                           "configs/images_all_exemplars.toml", "--print-model"],
                          capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "EICL_DATA_DIR": str(tmp_path)})

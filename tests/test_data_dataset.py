@@ -1,4 +1,4 @@
-"""Dataset building (SPEC 2): split, exemplars, n_to_keep, augmentation,
+"""Dataset building (docs/experiment.md §2): split, exemplars, n_to_keep, augmentation,
 downsampling, symbolic data, and load_dataset's cache handling."""
 
 

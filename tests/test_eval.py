@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from eicl_cli import runs
 from eicl_cli.cli import app
-from eicl_cli.evaluate import fewshot_ceiling
+from eicl_cli.eval_modes import fewshot_ceiling
 from train_support import TINY
 
 runner = CliRunner()

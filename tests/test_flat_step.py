@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eicl_cli.flat_step import Carry, FlatStep
+from eicl_cli.training.flat_step import Carry, FlatStep
 
 
 class _Tiny(eqx.Module):

@@ -87,7 +87,7 @@ _CALLER = """
 import os, sys
 print("start", flush=True)
 sys.argv = ["someone_elses_script.py", "--help"]
-from eicl_cli.cli import main
+from eicl_cli.__main__ import main
 try:
     main()
 except SystemExit:

@@ -1,4 +1,4 @@
-"""Loss and SPEC 8 metrics on hand-made logits where every value is known."""
+"""Loss and docs/experiment.md §8 metrics on hand-made logits where every value is known."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The Equinox model of SPEC 6: parameter counts, shapes, causality, batch norm,
+"""The Equinox model of docs/experiment.md §6: parameter counts, shapes, causality, batch norm,
 tokens, initialisers and mixed precision. Tiny sizes throughout."""
 
 from __future__ import annotations

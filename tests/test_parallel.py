@@ -56,7 +56,7 @@ def _processes(data_dir: Path, args: list[str], n: int = 2,
     import sys
     port = _free_port()
     env = {**os.environ, "EICL_DATA_DIR": str(data_dir), **_env(1)}
-    procs = [subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", *args,
+    procs = [subprocess.Popen([sys.executable, "-m", "eicl_cli", *args,
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
                                "--process-id", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -199,7 +199,7 @@ def test_distributed_outside_a_cluster_is_one_line(data_dir: Path, tmp_path: Pat
 
 def test_stem_kernels_are_refused_on_a_mesh_of_gpus():
     from eicl_cli import config
-    from eicl_cli.train import check_stem_impl
+    from eicl_cli.training.preflight import check_stem_impl
     pallas = config.from_dict(config.apply_overrides({}, ['embedding.stem_impl="pallas"']))
     with pytest.raises(EiclError, match="stem_impl = 'pallas' runs on one GPU per run.*2 dev"):
         check_stem_impl(pallas, 2, "gpu")

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from eicl_cli import config as C
-from eicl_cli import report, runs, sweep
+from eicl_cli import eval_modes, report, runs, sweep
 from eicl_cli.cli import app
 from eicl_cli.errors import EiclError
 
@@ -43,7 +43,7 @@ def make_run(path: Path, cfg: C.Config, icl: list[float], iwl: list[float],
     path.mkdir(parents=True)
     (path / "checkpoints").mkdir()
     runs.write_config(path, cfg)
-    iwl_mode = sweep.iwl_mode(cfg.eval.modes)
+    iwl_mode = eval_modes.iwl_mode(cfg.eval.modes)
     for i, step in enumerate(steps):
         runs.append_metrics(path, {"kind": "train", "step": step, "time": step / 100.0,
                                    "steps_per_s": 100.0, "loss": 2.0 - i * 0.3})

@@ -1,4 +1,4 @@
-"""Properties of the class split and the sequence generator (SPEC 3-5),
+"""Properties of the class split and the sequence generator (docs/experiment.md §3-5),
 checked exactly where they are deterministic and by statistics where random."""
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def _repeats(classes: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("case", ["random", "non_bursty_zipfian", "common_uniform",
                                   "bursty_remainder", "mixed"])
 def test_all_unique_draws_distinct_classes_in_every_random_part(case) -> None:
-    # SPEC 5: random(pool, L) draws L distinct classes under all_unique, and
+    # docs/experiment.md §5: random(pool, L) draws L distinct classes under all_unique, and
     # non-bursty sequences, a burst's remainder and mixed's common part are
     # random(...) parts. 10 common classes, 50 in the Zipfian pool.
     kind, seqs = {

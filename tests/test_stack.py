@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eicl_cli import config, runs, stack
-from eicl_cli import train as train_mod
+from eicl_cli import config, runs
+from eicl_cli.experiment_keys import stack_identity
+from eicl_cli.training.trainer import check_stackable
+from eicl_cli import training
 from eicl_cli.errors import EiclError
 from train_support import tensors, tiny
 
@@ -25,7 +27,7 @@ POINTS = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=0.9", "
 
 
 def _configs(data_dir: Path, steps: int) -> list[config.Config]:
-    return [train_mod.resolved_config(tiny(data_dir, *MODEL, *p, f"run.steps={steps}"))
+    return [training.resolved_config(tiny(data_dir, *MODEL, *p, f"run.steps={steps}"))
             for p in POINTS]
 
 
@@ -40,14 +42,14 @@ def test_stacked_points_equal_the_same_points_trained_one_by_one(data_dir: Path,
     alone = []
     for i, cfg in enumerate(_configs(data_dir, 6)):
         run_dir = _new_dir(cfg, tmp_path / f"alone{i}")
-        train_mod.train(cfg, run_dir, live=False)
+        training.train_runs([cfg], [run_dir], live=False)
         alone.append(run_dir)
 
     # The stack runs 3 steps, stops, and resumes as a stack to 6.
     cfgs3 = _configs(data_dir, 3)
     stacked = [_new_dir(cfg, tmp_path / f"stacked{i}") for i, cfg in enumerate(cfgs3)]
-    assert stack.train_stack(cfgs3, stacked, live=False) == [3] * 4
-    assert stack.train_stack(_configs(data_dir, 6), stacked, live=False) == [6] * 4
+    assert training.train_runs(cfgs3, stacked, live=False).step == 3
+    assert training.train_runs(_configs(data_dir, 6), stacked, live=False).step == 6
 
     for a, s in zip(alone, stacked):
         ta, ts = runs.read_metrics(a, kind="train"), runs.read_metrics(s, kind="train")
@@ -83,16 +85,16 @@ def test_stack_refuses_runs_of_different_shapes_naming_the_key(data_dir: Path):
     a = tiny(data_dir)
     b = tiny(data_dir, "embedding.emb_dim=16")
     with pytest.raises(EiclError, match="embedding.emb_dim differs"):
-        stack.check_stackable([a, b], ["a", "b"])
+        check_stackable([a, b], ["a", "b"])
     c = tiny(data_dir, "sequences.p_bursty=0.1", "run.seed=3", "classes.zipf_exponent=1.5")
-    stack.check_stackable([a, c])
-    assert stack.stack_key(a) == stack.stack_key(c) != stack.stack_key(b)
+    check_stackable([a, c])
+    assert stack_identity(a) == stack_identity(c) != stack_identity(b)
 
 
 def test_stacked_runs_must_resume_from_one_step(data_dir: Path, tmp_path: Path):
     cfgs = [tiny(data_dir, "run.steps=2", "run.checkpoint_every=1", f"run.seed={i}")
             for i in range(2)]
-    dirs = [_new_dir(train_mod.resolved_config(c), tmp_path / f"r{i}") for i, c in enumerate(cfgs)]
-    train_mod.train(train_mod.resolved_config(cfgs[0]), dirs[0], live=False)
+    dirs = [_new_dir(training.resolved_config(c), tmp_path / f"r{i}") for i, c in enumerate(cfgs)]
+    training.train_runs([training.resolved_config(cfgs[0])], [dirs[0]], live=False)
     with pytest.raises(EiclError, match="resume from one step"):
-        stack.train_stack([train_mod.resolved_config(c) for c in cfgs], dirs, live=False)
+        training.train_runs([training.resolved_config(c) for c in cfgs], dirs, live=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eicl_cli import runs, stack
-from eicl_cli import train as train_mod
+from eicl_cli import runs
+from eicl_cli import training
 from eicl_cli.errors import EiclError
-from eicl_cli.flat_step import call_plan, steps_per_call
+from eicl_cli.training.flat_step import call_plan, steps_per_call
 from train_support import new_run_dirs, tensors, tiny, train_run
 
 # Batch norm (one-group ResNet), dropout and pixel noise: the state and the
@@ -125,11 +125,11 @@ def test_stacked_runs_with_steps_per_call_follow_one_step_per_call(data_dir: Pat
     points = [("sequences.p_bursty=0.0", "run.seed=0"), ("sequences.p_bursty=1.0", "run.seed=1")]
     ends = {}
     for per_call in (1, 4):
-        cfgs = [train_mod.resolved_config(tiny(
+        cfgs = [training.resolved_config(tiny(
             data_dir, *p, *SGD, "run.steps=10", "run.log_every=5", "run.eval_every=10",
             "run.checkpoint_every=10", f"train.steps_per_call={per_call}")) for p in points]
         dirs = new_run_dirs(cfgs, tmp_path, f"k{per_call}_")
-        assert stack.train_stack(cfgs, dirs, live=False) == [10, 10]
+        assert training.train_runs(cfgs, dirs, live=False).step == 10
         ends[per_call] = [(runs.read_metrics(d, kind="train"), tensors(runs.checkpoint_path(d, 10)))
                           for d in dirs]
     for (m1, c1), (m4, c4) in zip(ends[1], ends[4]):
@@ -150,24 +150,23 @@ def test_bench_measures_whole_calls(data_dir: Path):
 
 
 def test_first_call_is_the_call_the_bench_runs(data_dir: Path):
-    """benchmarks/gpu_program.py compiles StepRunner.first_call for a GPU; on
-    the CPU it must compute what `run` computes for the same steps."""
+    """The GPU modelling tools compile Trainer.first_call for a GPU; on the
+    CPU it must compute what the training loop computes for the same steps."""
     import jax
     from eicl_cli import bench
     from eicl_cli.data.dataset import load_dataset
-    from eicl_cli.data.sequences import SequenceGenerator
     from eicl_cli.inputs import device_data
+    from eicl_cli.training.loop import run_steps
 
     cfg = tiny(data_dir, "train.steps_per_call=3")
     dataset = load_dataset(cfg)
 
-    def runner():
-        return bench.StepRunner(cfg, dataset, device_data(dataset, cfg),
-                                SequenceGenerator(dataset, cfg))
+    def trainer():
+        return bench.bench_trainer(cfg, dataset, device_data(dataset, cfg))
 
-    ran = runner()
-    ran.run(0, 3)
-    fn, args = runner().first_call(3)
+    ran = trainer()
+    run_steps(ran, 0, 3)
+    fn, args = trainer().first_call(3)
     leaves, sums = fn(*args)
     assert len(leaves) == len(ran.carry.leaves)
     for got, want in zip(leaves, ran.carry.leaves):

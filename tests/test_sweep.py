@@ -372,7 +372,7 @@ def test_jobs_get_gpus_of_their_own(fake_sweep, monkeypatch) -> None:
 
 
 def test_gpu_slots_and_where_gpus_come_from(tmp_path, monkeypatch) -> None:
-    from eicl_cli import sweep_devices as sd
+    from eicl_cli.sweep import devices as sd
     assert sd.device_slots(3, []) == [None] * 3 and sd.device_slots(2, ["0"]) == [None] * 2
     assert sd.device_slots(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
     assert sd.device_slots(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]  # equal shares only

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eicl_cli import checkpoint, config, runs
-from eicl_cli import train as train_mod
+from eicl_cli import checkpoint, config, environment, runs
+from eicl_cli import training
 from eicl_cli.errors import EiclError
 from train_support import tensors, tiny, train_run
 
@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(data_dir: Path, tmp
     cfg = tiny(data_dir, "optimizer.max_lr=1e30", "optimizer.warmup_steps=4",
                "optimizer.schedule=\"constant\"", "run.steps=40", "run.log_every=1",
                "run.checkpoint_every=1", "run.eval_every=100")
-    with pytest.raises(train_mod.TrainingDiverged) as e:
+    with pytest.raises(training.TrainingDiverged) as e:
         train_run(cfg, tmp_path / "run")
     msg = str(e.value)
     assert "non-finite" in msg and "step" in msg and "\n" not in msg
@@ -146,10 +146,10 @@ def test_live_display_on_a_terminal(data_dir: Path, tmp_path: Path, monkeypatch)
     buf = io.StringIO()
     monkeypatch.setattr(display, "console", Console(file=buf, force_terminal=True, width=140))
     cfg = tiny(data_dir, "run.steps=20", "run.eval_every=20")
-    cfg = train_mod.resolved_config(cfg)
+    cfg = training.resolved_config(cfg)
     runs.new_run_dir(cfg, None, tmp_path / "run")
     runs.write_config(tmp_path / "run", cfg)
-    assert train_mod.train(cfg, tmp_path / "run", live=True).step == 20
+    assert training.train_runs([cfg], [tmp_path / "run"], live=True).step == 20
     text = buf.getvalue()
     assert "evaluation at step 20" in text
     for needle in ("no_support_zipfian", "IWL", "fewshot_holdout", "ICL", "accuracy_query",
@@ -191,8 +191,8 @@ def test_compile_cache_has_one_folder_per_cpu_count(monkeypatch, tmp_path: Path)
     import os
     cfg = config.from_dict({"data": {"data_dir": str(tmp_path)}})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    one = train_mod.compile_cache_dir(cfg)
+    one = environment.compile_cache_dir(config.data_dir(cfg))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    two = train_mod.compile_cache_dir(cfg)
+    two = environment.compile_cache_dir(config.data_dir(cfg))
     assert one.parent == two.parent == tmp_path / "jax-cache"
     assert (one.name, two.name) == ("cpus1", "cpus2")

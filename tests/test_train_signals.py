@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 def _start(data_dir: Path, *args: str, slow_write: float | str = 0) -> subprocess.Popen:
     env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    if slow_write:
-        env["EICL_TEST_SLOW_CHECKPOINT_WRITE"] = str(slow_write)
-    return subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", "train", *args], env=env,
+    command = ([str(Path(__file__).with_name("slow_checkpoint_writes.py")), str(slow_write)]
+               if slow_write else ["-m", "eicl_cli"])
+    return subprocess.Popen([sys.executable, *command, "train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

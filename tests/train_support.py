@@ -29,12 +29,12 @@ def train_run(cfg: config.Config, run_dir: Path, resume: bool = False):
     """Train a run folder in this process, as `eicl train` does: a new folder
     gets the resolved config first; resume=True continues the folder."""
     from eicl_cli import runs
-    from eicl_cli import train as train_mod
+    from eicl_cli import training
     if not resume:
-        cfg = train_mod.resolved_config(cfg)
+        cfg = training.resolved_config(cfg)
         runs.new_run_dir(cfg, None, run_dir)
         runs.write_config(run_dir, cfg)
-    return train_mod.train(cfg, run_dir, resume=resume, live=False)
+    return training.train_runs([cfg], [run_dir], resume=resume, live=False)
 
 
 def new_run_dirs(cfgs: list[config.Config], root: Path, prefix: str) -> list[Path]:
@@ -85,7 +85,7 @@ def sweep_process(sweep_file: Path, out: Path, data_dir: Path, *args: str) -> su
     """`eicl sweep SWEEP_FILE --out OUT ARGS` in a fresh process, its output
     (stdout and stderr) one unbuffered text pipe."""
     env = {**os.environ, "EICL_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "eicl_cli.cli", "sweep", str(sweep_file),
+    return subprocess.Popen([sys.executable, "-m", "eicl_cli", "sweep", str(sweep_file),
                              "--out", str(out), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -94,7 +94,7 @@ def eicl(*args: str, data_dir: Path, env: dict | None = None, timeout: float = 3
          **popen) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (stdout is a pipe: plain log lines)."""
     full_env = {**os.environ, "EICL_DATA_DIR": str(data_dir), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "eicl_cli.cli", *args], env=full_env,
+    return subprocess.run([sys.executable, "-m", "eicl_cli", *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 

@@ -1,4 +1,4 @@
-"""The eight augmentation variants of SPEC 2 as pixel permutations.
+"""The eight augmentation variants of docs/experiment.md §2 as pixel permutations.
 
 Variant v = 4 * flip + k: flip left-right (if flip), THEN rotate by k x 90
 degrees counter-clockwise, the order the original applies

@@ -1,5 +1,5 @@
 """`Dataset`, the in-memory image set every other part reads, and
-`load_dataset(cfg)`, which builds it from the cache as SPEC 2 says.
+`load_dataset(cfg)`, which builds it from the cache as docs/experiment.md §2 says.
 
 Order of the transforms, as in the original OmniglotDatasetForSampling:
 split -> exemplars -> n_to_keep -> augmentation. n_to_keep therefore counts
@@ -93,7 +93,7 @@ def downsample(images: np.ndarray, size: int = DOWNSAMPLED_SIZE) -> np.ndarray:
 def from_raw(raw: RawSet, *, split: str = "all", exemplars: str = "all",
              augment_images: bool = False, n_to_keep: int = 0, downsample_to: int = 0,
              cache_file: str = "", cache_sha256: str = "") -> Dataset:
-    """Apply split, exemplars, n_to_keep, augmentation and downsampling (SPEC 2)."""
+    """Apply split, exemplars, n_to_keep, augmentation and downsampling (docs/experiment.md §2)."""
     if split == "train":
         keep = raw.image_background
     elif split == "test":

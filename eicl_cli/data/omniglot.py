@@ -2,7 +2,7 @@
 extracted folders, or TensorFlow Datasets. Each reader returns a `RawSet`
 and refuses bad input with a one-line EiclError naming the file.
 
-Facts (SPEC 2): files `images_background/<Alphabet>/characterNN/IIII_DD.png`
+Facts (docs/experiment.md §2): files `images_background/<Alphabet>/characterNN/IIII_DD.png`
 (and `images_evaluation/...`); class id = IIII - 1; drawer = DD; 105 x 105
 one-bit PNGs, white (1) background.
 """

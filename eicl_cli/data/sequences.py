@@ -1,4 +1,4 @@
-"""The sequence generator of SPEC 3-5: class split, pools, and whole batches.
+"""The sequence generator of docs/experiment.md §3-5: class split, pools, and whole batches.
 
 The original draws one sequence at a time in Python; here every kind of
 sequence is drawn for a whole batch at once with vectorised NumPy, and a batch
@@ -25,7 +25,7 @@ Choices where the original is silent or inconsistent (see docs):
   the pool they came from, so rare classes drawn from the Zipfian pool were 0);
 - the `random` kind is random(zipfian, seq_len) with labeling_common;
 - sequences.all_unique makes every random(pool, L) part draw L distinct
-  classes (SPEC 5): the `random` kind, non-bursty `zipfian` and
+  classes (docs/experiment.md §5): the `random` kind, non-bursty `zipfian` and
   `common_uniform` sequences, a bursty sequence's remainder and `mixed`'s
   common part (the original applies it to the `random` kind only).
 """
@@ -47,7 +47,8 @@ from .split import ClassSplit, make_split
 KINDS = tuple(dict.fromkeys(TRAIN_KINDS + EVAL_MODES + ("random",)))
 FEWSHOT_KINDS = ("fewshot_common", "fewshot_rare", "fewshot_zipfian", "fewshot_holdout")
 NO_SUPPORT_KINDS = ("no_support_common", "no_support_rare", "no_support_zipfian")
-# The pool a bursty sequence's remainder comes from, by the pool of its burst (SPEC 5).
+# The pool a bursty sequence's remainder comes from, by the pool of its burst
+# (docs/experiment.md §5).
 REMAINDER_POOL = {"zipfian": "zipfian", "common": "rare", "rare": "common"}
 
 
@@ -158,7 +159,7 @@ class SequenceGenerator:
         self._is_rare = np.zeros(n_cls, dtype=bool)
         self._is_rare[sp.rare] = True
 
-        # Polysemy (SPEC 4) reshapes the whole ordered label layout.
+        # Polysemy (docs/experiment.md §4) reshapes the whole ordered label layout.
         kind_rare, x = parse_labeling(s.labeling_rare)
         self._poly = x if kind_rare == "polysemy" else 1
         # Labels per rare class (ordered_polysemyX): rare label r belongs to rare class r // X.
@@ -245,7 +246,7 @@ class SequenceGenerator:
         return s.seq_len
 
     def label_masks(self, mode: str) -> dict[str, np.ndarray]:
-        """(num_classes,) bool masks for the metrics of SPEC 8."""
+        """(num_classes,) bool masks for the metrics of docs/experiment.md §8."""
         s, sp = self.cfg.sequences, self.split
         common = self._mask(self._label_values(sp.common, s.labeling_common))
         rare = self._mask(self._label_values(sp.rare, s.labeling_rare))
@@ -253,7 +254,8 @@ class SequenceGenerator:
         if mode in FEWSHOT_KINDS:
             closed = fewshot
         elif mode in NO_SUPPORT_KINDS:
-            # The labels this mode's queries actually carry (labeling_common, SPEC 5).
+            # The labels this mode's queries actually carry (labeling_common,
+            # docs/experiment.md §5).
             pools = {"common": [sp.common], "rare": [sp.rare],
                      "zipfian": [sp.common, sp.rare]}[mode.removeprefix("no_support_")]
             closed = self._mask(np.concatenate(

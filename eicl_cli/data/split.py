@@ -1,4 +1,4 @@
-"""The class split of SPEC 3: rare / common / holdout lists and Zipf weights.
+"""The class split of docs/experiment.md §3: rare / common / holdout lists and Zipf weights.
 
 The permutation must match the original code bit for bit (same seed, same
 classes), so it is drawn with exactly the call the original makes; everything
@@ -36,7 +36,7 @@ class ClassSplit:
 
 
 def permute_classes(n: int, seed: int, group: int = 0) -> np.ndarray:
-    """The class order of SPEC 3: a seeded permutation of 0..n-1, or of the
+    """The class order of docs/experiment.md §3: a seeded permutation of 0..n-1, or of the
     n/group blocks of `group` consecutive classes when group > 1."""
     rng = np.random.default_rng(seed)
     if group > 1:

@@ -132,7 +132,7 @@ def default_image_shape(cfg: Config) -> tuple[int, int] | None:
 
 def build_model(cfg: Config, key: jax.Array, image_shape: tuple[int, ...] | None = None
                 ) -> tuple[Model, eqx.nn.State]:
-    """The model of SPEC 6 for `cfg`, and its initial state (the batch-norm
+    """The model of docs/experiment.md §6 for `cfg`, and its initial state (the batch-norm
     running statistics). image_shape (H, W); None means the shape the config
     implies (105 x 105, 28 x 28 when downsampling, None for symbolic data)."""
     if image_shape is None:

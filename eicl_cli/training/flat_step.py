@@ -2,10 +2,9 @@
 
 Passing the model, batch-norm state and optimizer state as pytrees makes
 every call flatten them again on the host: 400+ arrays inside Equinox
-modules for the paper model, 4.7 ms per call through `eqx.filter_jit` on a
-2-core CPU, while the whole step of that model on an H100 takes about 15 ms.
-A device that finishes its step before the host has dispatched the next one
-idles. So the training loops hold the carry as a `Carry` (the leaves plus
+modules for the paper model, a host cost of the same order as the whole
+step of that model on a GPU (docs/performance.md). A device that finishes
+its step before the host has dispatched the next one idles. So the training loops hold the carry as a `Carry` (the leaves plus
 their tree structure), the step takes and returns the leaves alone, and the
 trees are rebuilt only to log, evaluate and save.
 
@@ -129,11 +128,10 @@ class FlatStep:
         return Carry(leaves, carry.treedef), sums
 
 
-# Steps per call where train.steps_per_call = 0 (auto). Measured on an H100
-# (docs/results/gpu/bench_session14_h100.jsonl): 10 took the quickstart from
-# 2.50 to 0.73 ms a step and the paper config from 5.18 to 4.88 ms. On a CPU
-# a step dwarfs the call's fixed price, and XLA's CPU convolutions ran slower
-# inside the loop (quickstart 21-26 against 61 ms).
+# Steps per call where train.steps_per_call = 0 (auto): on a GPU ten steps a
+# call amortise the call's fixed price; on a CPU a step dwarfs that price,
+# and XLA's CPU convolutions ran slower inside the loop. The measurements are
+# in docs/performance.md ("Several steps per device call").
 AUTO_STEPS_PER_CALL = {"cpu": 1}
 AUTO_STEPS_PER_CALL_ACCELERATOR = 10
 
