@@ -145,7 +145,7 @@ if [ "$PLAN" = pallas ]; then
     --forms whole,fused --stack 1 --dtype bfloat16 >>"$OUT/stem_check.jsonl" 2>>"$LOG"
   cat "$OUT/stem_check.jsonl" >>"$LOG"
   stamp bench pallas
-  # The pair first (one run and 8 stacked, with the kernels), then
+  # The target pair first (one run and 8 stacked, with the kernels), then
   # one run without them (A/B), the pair in bfloat16 (by XLA's kernel list
   # the likeliest to come within 2x: 13.4 GB per 8 stacked steps), and 8
   # stacked without the kernels.
@@ -180,7 +180,7 @@ if [ "$PLAN" = stack ]; then
 fi
 
 stamp bench
-# Most wanted first: the two figures, then what decides whether
+# Most wanted first: the two target figures, then what decides whether
 # stacking can come within 2x (bfloat16, a small model); the rest as time
 # allows (a paper bench takes 60-90 s with its compilation, a stacked one 90).
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"
