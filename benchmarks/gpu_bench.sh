@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 device check, one run: `eicl bench --json` for the paper config,
+# GPU device check, one run: `eicl bench --json` for the paper config,
 # plain and with 8 stacked runs (plus the small quickstart config stacked).
 #
 # Data: the real Omniglot cache (45 MB) travels as runs/data-cache/omniglot.safetensors

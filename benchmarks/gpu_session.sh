@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call that does the GPU checks of issue 8, in order, each capped
+# One device call that does the GPU checks (speed of one run and of stacked runs), in order, each capped
 # so the whole fits one 10-minute call and its results come back:
 #   1. `eicl bench --json` of the paper config as it is (on a GPU its layers
 #      unrolled, 10 steps per device call), and --stack 8;
@@ -16,8 +16,8 @@
 #      variant), where present: A/B on one machine;
 #   5. where the paper config's step spends its time (benchmarks/profile_step.py),
 #      and its model pass alone, 8 stacked (XLA's convolutions, then GEMMs).
-# The issue-8 targets name an H100: call it with kind nvidia-h100-x1.
-# With the plan `paper`, the paper config trains instead (issue 9): it trains in
+# The speed targets are for an H100: call it with kind nvidia-h100-x1.
+# With the plan `paper`, the paper config trains instead (the 10-minute run): it trains in
 # runs/gpu-paper (kept on a warm machine between calls) and resumes from there,
 # until its training time reaches PAPER_TARGET_S (default 600 s) or the budget
 # runs out; the paper and stack-8 benches (as they are and looped) follow if
@@ -145,7 +145,7 @@ if [ "$PLAN" = pallas ]; then
     --forms whole,fused --stack 1 --dtype bfloat16 >>"$OUT/stem_check.jsonl" 2>>"$LOG"
   cat "$OUT/stem_check.jsonl" >>"$LOG"
   stamp bench pallas
-  # The issue's pair first (one run and 8 stacked, with the kernels), then
+  # The target pair first (one run and 8 stacked, with the kernels), then
   # one run without them (A/B), the pair in bfloat16 (by XLA's kernel list
   # the likeliest to come within 2x: 13.4 GB per 8 stacked steps), and 8
   # stacked without the kernels.
@@ -180,7 +180,7 @@ if [ "$PLAN" = stack ]; then
 fi
 
 stamp bench
-# Most wanted first: the issue's two figures, then what decides whether
+# Most wanted first: the two target figures, then what decides whether
 # stacking can come within 2x (bfloat16, a small model); the rest as time
 # allows (a paper bench takes 60-90 s with its compilation, a stacked one 90).
 bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 600 >>"$OUT/bench.jsonl"

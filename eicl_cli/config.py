@@ -52,156 +52,280 @@ OMNIGLOT_DRAWERS = 20
 AUGMENT_FACTOR = 8
 
 
+# Every field carries its description (and, where validation limits it, its
+# allowed values) in its metadata: `python -m eicl_cli.config_doc` renders
+# them as docs/config.md.
+def _knob(default: Any, doc: str, allowed: Any = None) -> Any:
+    """A config field with its description for docs/config.md."""
+    meta = {"doc": doc, "allowed": allowed}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "omniglot"  # omniglot | synthetic | symbolic
-    data_dir: str = ""  # "" = $EICL_DATA_DIR, else ~/.cache/eicl
-    split: str = "all"  # train (background) | test (evaluation) | all
-    exemplars: str = "all"  # all | single | separated
-    augment_images: bool = False  # x8 classes: flips x 90-degree rotations
-    n_to_keep: int = 0  # keep only the first n classes; 0 keeps all
-    symbolic_classes: int = 1000  # size of the symbolic (integer) dataset
-    # Filled in by train: which cache file the run read, and its checksum.
-    cache_file: str = ""
-    cache_sha256: str = ""
+    dataset: str = _knob(
+        "omniglot", "`omniglot`: the cache `eicl prepare-data` builds; `synthetic`: the "
+        "procedurally drawn Omniglot-shaped set; `symbolic`: integer tokens, no images "
+        "(needs `embedding.example_encoder = \"embedding\"`).", DATASETS)
+    data_dir: str = _knob(
+        "", "Where dataset caches live; empty means `$EICL_DATA_DIR`, else `~/.cache/eicl`.")
+    split: str = _knob(
+        "all", "Omniglot set: `train` (background, 964 classes), `test` (evaluation, 659), "
+        "`all` (both, 1,623; the paper's).", SPLITS)
+    exemplars: str = _knob(
+        "all", "`all`: 20 drawings per class; `single`: drawer 01 only; `separated`: each "
+        "drawing becomes its own class (class x 20 + drawer - 1).", EXEMPLARS)
+    augment_images: bool = _knob(
+        False, "Every class becomes 8: flip left-right (no, yes) x rotate by 0, 90, 180, "
+        "270 degrees.")
+    n_to_keep: int = _knob(
+        0, "Keep only the first n classes (before augmentation); 0 keeps all.", ">= 0")
+    symbolic_classes: int = _knob(
+        1000, "Number of classes of the `symbolic` dataset.", ">= 1")
+    cache_file: str = _knob(
+        "", "Filled in by `eicl train`: the dataset cache file the run read.")
+    cache_sha256: str = _knob(
+        "", "Filled in by `eicl train`: the SHA-256 of that cache file.")
 
 
 @dataclass(frozen=True)
 class PreprocConfig:
-    downsample: bool = False  # resize 105x105 -> 28x28 before the model
-    invert: bool = False  # feed 1 - pixel: ink 1.0 on a 0.0 background (not in the paper)
+    downsample: bool = _knob(
+        False, "Resize images from 105 x 105 to 28 x 28 (bilinear, no antialiasing) "
+        "before the model.")
+    invert: bool = _knob(
+        False, "Feed the model 1 - pixel (ink 1.0 on a 0.0 background), applied after "
+        "noise. Not in the paper: the quickstart's small conv encoder needs it to learn "
+        "image matching reliably (docs/reproduction.md).")
 
 
 @dataclass(frozen=True)
 class ClassesConfig:
-    split_seed: int = 1337
-    n_rare: int = 1603
-    n_common: int = 10
-    n_holdout: int = 10
-    zipf_exponent: float = 0.0
-    use_zipf_for_common_rare: bool = False
-    preserve_ordering_every_n: int = 0  # 0 = permute single classes
+    split_seed: int = _knob(
+        1337, "Seed of the permutation that assigns classes to rare, common and holdout "
+        "(1337 in every paper config).")
+    n_rare: int = _knob(1603, "Rare classes: the first n_rare of the permuted list.", ">= 0")
+    n_common: int = _knob(10, "Common classes: the next n_common of the permuted list.",
+                          ">= 0")
+    n_holdout: int = _knob(
+        10, "Holdout classes, never trained on: the LAST n_holdout of the permuted list.",
+        ">= 0")
+    zipf_exponent: float = _knob(
+        0.0, "Zipf exponent of the class frequencies over rare + common classes; 0 is "
+        "uniform.", ">= 0")
+    use_zipf_for_common_rare: bool = _knob(
+        False, "Rare-only and common-only draws use the matching slice of the Zipf weights "
+        "(renormalised) instead of uniform weights.")
+    preserve_ordering_every_n: int = _knob(
+        0, "Permute blocks of n consecutive classes as wholes (8 keeps an augmented "
+        "character's variants together); 0 permutes single classes.",
+        ">= 0; must divide the available classes")
+
+
+_LABELINGS = "ordered, orderedK, original, unfixed"
 
 
 @dataclass(frozen=True)
 class SequencesConfig:
-    train_kind: str = "bursty"
-    seq_len: int = 9
-    fs_shots: int = 4
-    bursty_shots: int = 3
-    ways: int = 2
-    p_bursty: float = 0.9
-    p_bursty_common: float = 0.0
-    p_bursty_zipfian: float = 1.0
-    p_fewshot: float = 0.1
-    non_bursty_type: str = "zipfian"
-    labeling_common: str = "ordered"
-    labeling_rare: str = "ordered"
-    randomly_generate_rare: bool = False
-    grouped: bool = False
-    all_unique: bool = False
-    noise_scale: float = 0.0
+    train_kind: str = _knob(
+        "bursty", "Kind of training sequence: `bursty`, `mixed`, `random`, or any "
+        "`no_support_*` / `fewshot_*` evaluation kind.", TRAIN_KINDS)
+    seq_len: int = _knob(9, "Items per sequence, the query included.", ">= 1")
+    fs_shots: int = _knob(4, "Shots per class in few-shot evaluation sequences.", ">= 1")
+    bursty_shots: int = _knob(
+        3, "Shots per class in the few-shot part (burst) of a bursty training sequence.",
+        ">= 1; bursty_shots x ways + 1 <= seq_len")
+    ways: int = _knob(2, "Classes per few-shot task.", ">= 1")
+    p_bursty: float = _knob(0.9, "Probability that a training sequence is bursty.",
+                            "[0, 1]")
+    p_bursty_common: float = _knob(
+        0.0, "Probability that a burst draws from the common classes.",
+        "[0, 1]; p_bursty_common + p_bursty_zipfian <= 1")
+    p_bursty_zipfian: float = _knob(
+        1.0, "Probability that a burst draws from the Zipfian pool (rare + common); "
+        "otherwise, and not common, it draws from the rare classes.", "[0, 1]")
+    p_fewshot: float = _knob(
+        0.1, "In `mixed` sequences, the probability of a few-shot sequence (rare classes, "
+        "unfixed labels).", "[0, 1]")
+    non_bursty_type: str = _knob(
+        "zipfian", "What a non-bursty training sequence is: `zipfian` (random classes from "
+        "the Zipfian pool), `common_uniform` (random common classes), `common_no_support` "
+        "(common classes, the query's class absent from the context).", NON_BURSTY_TYPES)
+    labeling_common: str = _knob(
+        "ordered", "Labels of common draws and of non-bursty sequences. `original` is the "
+        "class's raw Omniglot id (0..1622) with `data.split = \"all\"` or `\"train\"`; with "
+        "`\"test\"` it is the class's position in the test set, so labels fit the model's "
+        "outputs.", _LABELINGS)
+    labeling_rare: str = _knob(
+        "ordered", "Labels of rare and Zipfian bursts: as `labeling_common`, or "
+        "`ordered_polysemyX` (rare class i owns X labels).",
+        _LABELINGS + ", ordered_polysemyX")
+    randomly_generate_rare: bool = _knob(
+        False, "Each rare class in a sequence gets one fresh random binary image, shared by "
+        "its occurrences; as in the original, not in `mixed` sequences (nor "
+        "`fewshot_common`, which has no rare classes).")
+    grouped: bool = _knob(
+        False, "Few-shot contexts in blocks of `ways` items that each hold every class "
+        "once.")
+    all_unique: bool = _knob(
+        False, "Every random part of a sequence draws distinct classes: the `random` kind, "
+        "non-bursty `zipfian` and `common_uniform` sequences, a burst's remainder, "
+        "`mixed`'s common part (the original: the `random` kind only). A part longer than "
+        "its pool is refused before a run starts.")
+    noise_scale: float = _knob(
+        0.0, "Standard deviation of Gaussian noise added to every pixel.", ">= 0")
 
 
 @dataclass(frozen=True)
 class EmbeddingConfig:
-    emb_dim: int = 64
-    example_encoder: str = "resnet"  # resnet | linear | embedding | conv
-    flatten_superpixels: bool = False
-    example_dropout_prob: float = 0.0
-    concatenate_labels: bool = False
-    # Not the paper's: a LayerNorm on each example embedding before it becomes a token.
-    normalize_examples: bool = False
-    label_head: str = "dense"  # dense (the paper's) | tied | both: see model.layers.TiedHead
-    use_positional_encodings: bool = True
-    positional_dropout_prob: float = 0.0
-    resnet_blocks_per_group: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    # Channels of all groups but the last, which has emb_dim channels.
-    resnet_channels_per_group: list[int] = field(default_factory=lambda: [16, 32, 32])
-    conv_channels: list[int] = field(default_factory=lambda: [32, 32, 32])
-    # How k x k convolutions are computed: xla (XLA's convolution) | gemm (one
-    # matrix product over the shifted windows). Same model; step time differs.
-    conv_impl: str = "xla"
-    # How the ResNet's stem (7 x 7 convolution, batch-norm moments, max pool)
-    # runs on a GPU: auto (XLA, the whole map in memory) | pallas (two fused
-    # Triton kernels that never write the map). Same model; step time differs.
-    stem_impl: str = "auto"
+    emb_dim: int = _knob(
+        64, "Token width.", "even, >= 2, divisible by transformer.num_heads")
+    example_encoder: str = _knob(
+        "resnet", "`resnet` (the paper's), `linear` (one dense layer), `conv` (small and "
+        "fast, for CPUs; not in the paper), `embedding` (symbolic data).", ENCODERS)
+    flatten_superpixels: bool = _knob(
+        False, "Flatten the ResNet's output positions instead of mean-pooling them.")
+    example_dropout_prob: float = _knob(
+        0.0, "Dropout on example embeddings in training.", "[0, 1]")
+    concatenate_labels: bool = _knob(
+        False, "One token per item, concat(image, label), instead of interleaved image and "
+        "label tokens.")
+    normalize_examples: bool = _knob(
+        False, "A LayerNorm (scale and offset) on every example embedding before it becomes "
+        "a token. Not in the paper: it keeps ink-heavy characters from dominating a small "
+        "encoder's tokens (docs/reproduction.md).")
+    label_head: str = _knob(
+        "dense", "`dense`: the paper's dense layer to num_classes; `tied`: logits = learned "
+        "scale x output . label-table row + bias; `both`: their sum (the tied part's scale "
+        "starts at 0). Not in the paper; `tied` and `both` need interleaved tokens and, "
+        "for RNNs, `rnn.hidden_size = emb_dim`.", LABEL_HEADS)
+    use_positional_encodings: bool = _knob(
+        True, "Add sinusoidal positional encodings (timescale base 30).")
+    positional_dropout_prob: float = _knob(
+        0.0, "Dropout after the positional encodings in training.", "[0, 1]")
+    resnet_blocks_per_group: list[int] = _knob(
+        [2, 2, 2, 2], "Bottleneck blocks in each ResNet group.", "entries >= 1")
+    resnet_channels_per_group: list[int] = _knob(
+        [16, 32, 32], "Channels of every ResNet group but the last, which has `emb_dim`.",
+        "one entry fewer than resnet_blocks_per_group; entries >= 1")
+    conv_channels: list[int] = _knob(
+        [32, 32, 32], "Channels of the `conv` encoder's 3 x 3 stride-2 layers.",
+        "entries >= 1")
+    conv_impl: str = _knob(
+        "xla", "How the `resnet` and `conv` encoders compute k x k convolutions: `xla` "
+        "(XLA's convolution) or `gemm` (the shifted windows side by side times the kernel "
+        "as one matrix). Same model and results within float rounding; only speed differs "
+        "(`gemm` helps `sweep --stack`; docs/performance.md).", CONV_IMPLS)
+    stem_impl: str = _knob(
+        "auto", "How the `resnet` stem (7 x 7 convolution, batch-norm moments, 3 x 3 max "
+        "pool) runs on a CUDA GPU: `auto` (XLA, the whole map in memory) or `pallas` (two "
+        "fused Pallas kernels that never write the map). Same results within float "
+        "rounding; on a CPU both run the blocked stem. `eicl train` refuses `pallas` on "
+        "several GPUs. Not yet timed on a GPU, hence not the default.", STEM_IMPLS)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "transformer"  # transformer | lstm | vanilla_rnn
-    dtype: str = "float32"  # bfloat16 = mixed precision (f32 params and loss)
+    kind: str = _knob("transformer", "The sequence model.", SEQ_MODELS)
+    dtype: str = _knob(
+        "float32", "`bfloat16` runs activations in bfloat16; parameters, logits and loss "
+        "stay float32.", DTYPES)
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    num_layers: int = 12
-    num_heads: int = 8
-    widening_factor: int = 4
-    dropout_prob: float = 0.0
-    # Blocks per iteration of the loop over layers; >= num_layers: no loop;
-    # 0: a loop on a CPU, no loop on a GPU. The same function either way:
-    # only compile time and step time change.
-    unroll: int = 0
+    num_layers: int = _knob(12, "Transformer blocks.", ">= 1")
+    num_heads: int = _knob(8, "Attention heads.", ">= 1")
+    widening_factor: int = _knob(4, "The MLP's width is this times `emb_dim`.", ">= 1")
+    dropout_prob: float = _knob(
+        0.0, "Dropout on attention and MLP outputs in training.", "[0, 1]")
+    unroll: int = _knob(
+        0, "Blocks per iteration of the loop over layers: `num_layers` or more means no "
+        "loop; 0 means a loop when compiled for a CPU and none for a GPU. Same model and "
+        "results up to rounding; only compile time and step time change.", ">= 0")
 
 
 @dataclass(frozen=True)
 class RNNConfig:
-    num_layers: int = 12
-    hidden_size: int = 64
-    dropout_prob: float = 0.0
+    num_layers: int = _knob(12, "Stacked recurrent layers (`lstm`, `vanilla_rnn`).", ">= 1")
+    hidden_size: int = _knob(64, "Width of the recurrent state.", ">= 1")
+    dropout_prob: float = _knob(
+        0.0, "Dropout between recurrent layers in training (the original accepts it but "
+        "never applies it).", "[0, 1]")
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adam"
-    max_lr: float = 3e-4
-    warmup_steps: int = 4000
-    schedule: str = "rsqrt"  # rsqrt (the paper's) | constant | cosine
-    # The original names clip_level 0.25 but never applies it; 0 = no clipping.
-    clip_level: float = 0.0
-    weight_decay: float = 0.0
+    name: str = _knob("adam", "The optax optimizer.", OPTIMIZERS)
+    max_lr: float = _knob(3e-4, "Peak learning rate.", "> 0")
+    warmup_steps: int = _knob(4000, "Linear warm-up from 0 to `max_lr`.", ">= 0")
+    schedule: str = _knob(
+        "rsqrt", "After warm-up: `rsqrt` (max_lr x sqrt(warmup / step), the paper's), "
+        "`constant`, `cosine` (to 0 at `run.steps`).", SCHEDULES)
+    clip_level: float = _knob(
+        0.0, "Global-norm gradient clipping; 0 = none (the original names 0.25 but never "
+        "applies it).", ">= 0")
+    weight_decay: float = _knob(
+        0.0, "Decoupled weight decay (`adamw`, `lamb`).", ">= 0")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 32
-    w_interim: float = 0.0  # weight on the context images' predictions
-    # Evaluate with an exponential moving average of the parameters, this
-    # decay per step (0 = off: evaluate the trained parameters themselves).
-    ema_decay: float = 0.0
-    # Training steps per device call: K > 1 runs K steps in one jitted loop,
-    # so the host's per-call work is paid once per K steps (train.py); 0 =
-    # chosen for the machine (flat_step.steps_per_call).
-    steps_per_call: int = 0
-    # Processes that draw stacked runs' training batches (sweep --stack),
-    # a call ahead: -1 = chosen for the machine (data.batch_workers), 0 =
-    # none (drawn in the training process). Batches are the same either way.
-    draw_workers: int = -1
+    batch_size: int = _knob(
+        32, "Sequences per training step; with several devices it must split evenly "
+        "over them.", ">= 1")
+    w_interim: float = _knob(
+        0.0, "Loss weight spread evenly over the context images' predictions; the query "
+        "gets 1 - w. Needs interleaved tokens.", "[0, 1]")
+    ema_decay: float = _knob(
+        0.0, "Evaluate an exponential moving average of the parameters (ema <- d x ema + "
+        "(1 - d) x params after every update) instead of the parameters; 0 = off. Training "
+        "is unchanged; the average is checkpointed and resumed with the optimizer state. "
+        "Not in the paper.", "[0, 1)")
+    # Used by train.py; 0 is resolved by flat_step.steps_per_call.
+    steps_per_call: int = _knob(
+        0, "Training steps per device call: K > 1 runs K steps in one jitted loop, so the "
+        "host's fixed price per call is paid once per K steps; 0 = 10 on a GPU, 1 on a "
+        "CPU. A call never crosses a log, evaluation or checkpoint step. The same updates, "
+        "possibly rounded differently. Not in the paper.", ">= 0")
+    # -1 is resolved by data.batch_workers.
+    draw_workers: int = _knob(
+        -1, "Processes that draw stacked runs' training batches (`sweep --stack`, "
+        "`bench --stack`), two calls ahead of the step; -1 = one per run up to the usable "
+        "cores less one on a GPU, none on a CPU; 0 = drawn in the training process. The "
+        "batches are the same either way. Not in the paper.", ">= -1")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    modes: list[str] = field(
-        default_factory=lambda: ["no_support_zipfian", "fewshot_zipfian", "fewshot_holdout"])
-    sequences: int = 10000  # per mode, for `eicl eval`
-    train_sequences: int = 1000  # per mode, at each evaluation during training
-    # 250 sequences of 105x105 images keep the ResNet stem's activations near 1.6 GB.
-    batch_size: int = 250
-    seed: int = 0
+    modes: list[str] = _knob(
+        ["no_support_zipfian", "fewshot_zipfian", "fewshot_holdout"],
+        "Evaluation sequence kinds (docs/experiment.md §5, §8).", "non-empty list of: "
+        + ", ".join(EVAL_MODES))
+    sequences: int = _knob(10000, "Sequences per mode for `eicl eval`.", ">= 1")
+    train_sequences: int = _knob(
+        1000, "Sequences per mode at each evaluation during training.", ">= 1")
+    batch_size: int = _knob(
+        250, "Sequences per evaluation batch; the numbers do not depend on it (250 keeps "
+        "the paper model's stem activations near 1.6 GB).", ">= 1")
+    seed: int = _knob(0, "Seed of the fixed evaluation sets, independent of training.")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = 500_000
-    seed: int = 0
-    log_every: int = 100
-    eval_every: int = 1000
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
-    out_dir: str = "runs"
-    name: str = ""  # "" = derived from the config file name and the time
+    steps: int = _knob(500_000, "Training steps.", ">= 0")
+    seed: int = _knob(0, "Seed of initialisation, training data and dropout.")
+    log_every: int = _knob(100, "Steps between training log lines.", ">= 1")
+    eval_every: int = _knob(1000, "Steps between evaluations.", ">= 1")
+    checkpoint_every: int = _knob(5000, "Steps between checkpoints.", ">= 1")
+    keep_checkpoints: int = _knob(
+        3, "Checkpoints kept; the final one is always kept too.", ">= 1")
+    out_dir: str = _knob("runs", "Folder in which run folders are made.")
+    name: str = _knob(
+        "", "Run folder name; empty = the config file's name and the time.",
+        "one folder name: no `/` or `\\`, not `.` or `..`")
 
 
 @dataclass(frozen=True)
