@@ -151,7 +151,7 @@ class StepRunner:
     def first_call(self, k: int) -> tuple[Any, tuple]:
         """The jitted function of a call of k steps from step 0 and its
         arguments, as `run` would pass them: for compiling it elsewhere
-        (benchmarks/gpu_program.py compiles it for a GPU without one)."""
+        (benchmarks/gpu/gpu_program.py compiles it for a GPU without one)."""
         args = (self._consts, self.carry.leaves, self._batches(0, k),
                 jnp.asarray(0, jnp.int32), self.sums)
         return self._step_fn.jitted(self.carry.treedef, k), args

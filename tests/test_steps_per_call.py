@@ -150,7 +150,7 @@ def test_bench_measures_whole_calls(data_dir: Path):
 
 
 def test_first_call_is_the_call_the_bench_runs(data_dir: Path):
-    """benchmarks/gpu_program.py compiles StepRunner.first_call for a GPU; on
+    """benchmarks/gpu/gpu_program.py compiles StepRunner.first_call for a GPU; on
     the CPU it must compute what `run` computes for the same steps."""
     import jax
     from eicl_cli import bench
