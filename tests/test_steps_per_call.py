@@ -150,7 +150,7 @@ def test_bench_measures_whole_calls(data_dir: Path):
 
 
 def test_first_call_is_the_call_the_bench_runs(data_dir: Path):
-    """The GPU modelling tools compile Trainer.first_call for a GPU; on the
+    """benchmarks/gpu/gpu_program.py compiles Trainer.first_call for a GPU; on the
     CPU it must compute what the training loop computes for the same steps."""
     import jax
     from eicl_cli import bench

@@ -19,11 +19,11 @@ from jax import lax
 
 from ..config import CONV_IMPLS, STEM_IMPLS
 from ..errors import EiclError
-from . import stem_blocked, stem_fused
 from .layers import (BatchNorm, Dense, affine, fan_in_init, same_out, same_pads, split,
                      truncated_normal, zeros)
-from .pooling import signed_max_pool
-from .stem_blocked import tap_gather
+from .kernels import stem_blocked, stem_fused
+from .kernels.pooling import signed_max_pool
+from .kernels.stem_blocked import tap_gather
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 

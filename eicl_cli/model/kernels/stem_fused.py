@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import stem_blocked
-from .layers import same_out, same_pads
+from ..layers import same_out, same_pads
 from .pooling import rule3
 
 # Pooled positions per tile: a (TILE, taps) @ (taps, C) product per window
@@ -234,7 +234,7 @@ def kernel_flops(name: str, rows: int, taps: int, channels: int, moments: bool) 
     """Multiply-adds x 2 of one launch of kernel `name` ("stem_forward" or
     "stem_backward") over `rows` pooled positions of all its images (padded
     to whole tiles): what XLA's program text cannot show of a Pallas call
-    (benchmarks/gpu_program.py counts them with this)."""
+    (benchmarks/gpu/gpu_program.py counts them with this)."""
     key = name + ("_moments" if name == "stem_backward" and moments else "")
     return 2 * PRODUCTS[key] * rows * taps * channels
 

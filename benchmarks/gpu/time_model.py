@@ -14,7 +14,7 @@ and predicting it shows how far the model can be trusted on a program it
 has not seen. The rate is float32's: for a bfloat16 program the model is
 pessimistic about matmuls and convolutions.
 
-    python benchmarks/time_model.py [--calibration FILE] [--pairs] [--breakdown]
+    python -m benchmarks.gpu.time_model [--calibration FILE] [--pairs] [--breakdown]
         [--tensor-core-tflops R] [PROGRAM.json ...]
 
 PROGRAM.json: `gpu_program.py --save` files (with their kernel lists),
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-CALIBRATION = Path(__file__).resolve().parents[1] / "docs/results/gpu/time_model/calibration.json"
+CALIBRATION = Path(__file__).resolve().parents[2] / "docs/results/gpu/time_model/calibration.json"
 FORMS = ("max", "sum")
 LAUNCH_US = np.arange(0.5, 10.01, 0.25)
 BANDWIDTH_TBS = np.arange(1.0, 3.351, 0.05)

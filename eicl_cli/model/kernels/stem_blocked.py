@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from .layers import same_out, same_pads
+from ..layers import same_out, same_pads
 from .pooling import max_pool_bwd_2d, max_pool_choice_2d
 
 # Pixels of stem map per block: three 53 x 53 images. The block's map (2.2 MB)
-# and taps (1.7 MB) stay in a CPU's cache; blocks of one image (more loop
-# steps) and of nine (out of cache) measured a little slower on 2 cores.
+# and taps (1.7 MB) stay in a CPU's cache; a block of one image pays for more
+# loop steps, one of nine falls out of cache.
 BLOCK_PIXELS = 9000
 
 

@@ -7,9 +7,9 @@
 # carry "runs/data-cache"). Without it a synthetic cache of the same shapes is
 # drawn first: speed depends only on shapes, not on pixels.
 #
-#   PY=.venv/bin/python benchmarks/gpu_bench.sh
+#   PY=.venv/bin/python benchmarks/gpu/gpu_bench.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-python}
 export EICL_DATA_DIR="${EICL_DATA_DIR:-$PWD/runs/data-cache}"
 export EICL_NO_COMPILE_CACHE=1  # report real compile times

@@ -12,10 +12,10 @@ here for what it does to the GPU program before a GPU is lent.
 `--against FILE` prints what moved since: run the old code with --save and
 the new with --against, each from its own checkout. `--from-hlo FILE` reads
 a step that another checkout's script wrote with `--hlo` (its own package
-compiled it) and counts it with this one's rules. benchmarks/time_model.py
+compiled it) and counts it with this one's rules. benchmarks.gpu.time_model
 turns saved programs into modelled H100 step times.
 
-    python benchmarks/gpu_program.py configs/images_all_exemplars.toml [--set k=v ...]
+    python -m benchmarks.gpu.gpu_program configs/images_all_exemplars.toml [--set k=v ...]
         [--stack K] [--target h100|h200] [--top N] [--hlo FILE]
         [--save FILE] [--against FILE] [--from-hlo FILE [--per-call N]]
 
@@ -94,11 +94,11 @@ def dims(shape_text: str) -> list[int]:
 
 
 def _stem_kernel_flops(i: "Instr", operands: list[list[int]], result: list[int]) -> int:
-    """The stem's Pallas kernels (eicl_cli/model/stem_fused.py), by their
+    """The stem's Pallas kernels (eicl_cli/model/kernels/stem_fused.py), by their
     operands: images, weights (taps, C), then forward nothing more (result:
     the pooled map, rows x C per image), backward the choices (rows x C per
     image), the gradient and, in training, the moments' gradients."""
-    from eicl_cli.model import stem_fused
+    from eicl_cli.model.kernels import stem_fused
     op = i.attr(r'op_name="([^"]+)"') or ""
     name = next((n for n in ("stem_forward", "stem_backward") if f"/{n}/" in op), None)
     if name is None or len(operands) < 3:
@@ -353,7 +353,7 @@ def summary(kernels: list[Kernel], steps: int = 1) -> dict:
     groups them) and the kernel list: what --save writes, and --against and
     time_model.py read."""
     # Kernels alike in kind, bytes and FLOPs as one row [kind, launches per
-    # step, bytes, flops]: what benchmarks/time_model.py times.
+    # step, bytes, flops]: what benchmarks/gpu/time_model.py times.
     alike: dict[tuple, float] = collections.defaultdict(float)
     for k in kernels:
         alike[(k.kind, k.bytes, k.flops)] += k.launches / steps
@@ -430,7 +430,7 @@ def main() -> None:
                              "a GPU's train.steps_per_call = 0)")
     parser.add_argument("--save", type=Path,
                         help="write the per-step totals, sources and kernel list here "
-                             "(JSON, for --against and benchmarks/time_model.py)")
+                             "(JSON, for --against and benchmarks.gpu.time_model)")
     parser.add_argument("--against", type=Path,
                         help="compare with a program --save wrote (another version of "
                              "the code, or other --set values)")
@@ -447,7 +447,9 @@ def main() -> None:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_gpu_enable_triton_gemm=false").strip()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # This checkout's package, whatever else the environment has installed:
+    # --save and --against compare two checkouts' steps.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     started = time.perf_counter()
     if args.from_hlo:
         try:

@@ -1,6 +1,6 @@
 """The 3 x 3 stride-2 SAME max pool of the ResNet's stem, and its gradient.
 
-lax.reduce_window's gradient (select-and-scatter) is ~15x slower on a CPU
+lax.reduce_window's gradient (select-and-scatter) is much slower on a CPU
 than these forms, which keep an int8 choice per window and build the
 gradient from it. Two forms of the same values and gradients: rows then
 columns through strided views (the whole-map stem's on a CPU, where the
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .layers import same_out
+from ..layers import same_out
 
 def _slice(a: jax.Array, start: int, stop: int, axis: int, step: int = 1) -> jax.Array:
     return lax.slice_in_dim(a, start, stop, step, axis)
@@ -115,7 +115,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """3 x 3 stride-2 SAME max pool (padding counts as -inf), NHWC.
 
     Separable (rows, then columns) maxima of strided views: lax.reduce_window's
-    gradient (select-and-scatter) is ~15x slower on CPU. Ties split the
+    gradient (select-and-scatter) is much slower on CPU. Ties split the
     gradient where select-and-scatter picks one; tied inputs of a stem feature
     map come from identical image patches, so the weight gradient is the same.
     """
@@ -135,8 +135,8 @@ def signed_max_pool(y: jax.Array, sign: jax.Array) -> jax.Array:
     compiled: on a CPU, rows then columns through strided views, as
     max_pool_3x3_s2 (padding the map cost a pass there); elsewhere all nine
     window elements of the -inf-padded map at once, which XLA fuses into one
-    pass forward and one backward, batch norm's gradient included (on an H100
-    target 1.2 GB less memory traffic per paper step: 4.8 against 6.0 GB)."""
+    pass forward and one backward, batch norm's gradient included, so the
+    map is read fewer times than by the separable form's two passes."""
     return lax.platform_dependent(y, sign, cpu=signed_max_pool_separable,
                                   default=signed_max_pool_2d)
 

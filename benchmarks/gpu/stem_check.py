@@ -3,7 +3,7 @@ batch-norm statistics of each against the first, and the time of a jitted
 forward + backward pass of each, alone and stacked (vmap over runs, as
 `sweep --stack`). One JSON line per form and stack.
 
-    python benchmarks/stem_check.py [--forms whole,fused] [--batch 32] [--length 9]
+    python -m benchmarks.gpu.stem_check [--forms whole,fused] [--batch 32] [--length 9]
         [--size 105] [--stack 1,8] [--iters 20] [--noise 0.0] [--fused-tiles 32x2,64x2]
         [--dtype float32|bfloat16]
 
@@ -15,8 +15,8 @@ random binary ones (Omniglot's pixels are 0/1), plus Gaussian noise of
 bfloat16 the forms differ by bfloat16's rounding. Differences are relative
 to the largest magnitude of the first form's array (max |a - b| / max |b|).
 `--fused-tiles` runs the fused form once per TILE x BACKWARD_SPLITS of
-model/stem_fused.py (pooled positions per program, programs per image in the
-backward pass), named "fused:TxS".
+eicl_cli/model/kernels/stem_fused.py (pooled positions per program,
+programs per image in the backward pass), named "fused:TxS".
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _set_tiles(form: str, defaults: tuple[int, int]) -> str:
     """The stem form to run for `form`, setting the fused kernels' tile and
     backward splits (read when a step is traced): those of "fused:TxS", else
     `defaults`."""
-    from eicl_cli.model import stem_fused
+    from eicl_cli.model.kernels import stem_fused
     tile, splits = defaults
     if form.startswith("fused:"):
         tile, splits = (int(v) for v in form.split(":")[1].split("x"))
@@ -101,7 +101,7 @@ def main() -> None:
     params, new_state = _stem_parts(1)
     params = eqx.filter(params, eqx.is_inexact_array)
     device = jax.devices()[0].device_kind
-    from eicl_cli.model import stem_fused
+    from eicl_cli.model.kernels import stem_fused
     defaults = (stem_fused.TILE, stem_fused.BACKWARD_SPLITS)
     reference = None
     for k in (int(s) for s in args.stack.split(",")):

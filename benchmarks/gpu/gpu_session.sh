@@ -23,17 +23,17 @@
 # runs out; the paper and stack-8 benches (as they are and looped) follow if
 # at least 150 s are left.
 # A 10-minute run needs two calls, as one call may last 600 s at most:
-#   call 1 (timeout_s 600):  bash benchmarks/gpu_session.sh 585 paper
+#   call 1 (timeout_s 600):  bash benchmarks/gpu/gpu_session.sh 585 paper
 #   call 2 at once (the machine goes back after 30 s idle), with B = the
 #   lease's budget_left_s - 40, at most 380, and timeout_s B + 20:
-#                            bash benchmarks/gpu_session.sh B paper
+#                            bash benchmarks/gpu/gpu_session.sh B paper
 # Needs: the Omniglot cache in runs/data-cache (carry it) and, where tomli-w is
 # missing, its wheel in .whl/ (carry it too).
 # With the plan `stack`, only what stacking costs (about 6 minutes); with
 # `pallas`, the stem's fused kernels checked and benched (7-10 minutes).
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh [seconds budget, default 540] [all|paper|stack|pallas]
+#   OUT=/tmp/out bash benchmarks/gpu/gpu_session.sh [seconds budget, default 540] [all|paper|stack|pallas]
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 BUDGET=${1:-540}
 PLAN=${2:-all}
@@ -137,18 +137,18 @@ if [ "$PLAN" = pallas ]; then
   # 7-10 minutes on a fresh machine; a smaller budget cuts the last benches.
   stamp stem check
   # (and two other tilings of the kernels, to pick the default from)
-  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 120)" $PY benchmarks/stem_check.py \
+  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 120)" $PY -m benchmarks.gpu.stem_check \
     --forms whole,fused --fused-tiles 64x2,32x4 --stack 1,8 >"$OUT/stem_check.jsonl" 2>>"$LOG"
   # In bfloat16 the kernels store the pooled map and read its gradient as
   # bfloat16 (Triton's bf16 stores and loads): one run, against XLA's form.
-  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 45)" $PY benchmarks/stem_check.py \
+  PYTHONPATH=$ROOT:${PYTHONPATH:-} timeout "$(cap 45)" $PY -m benchmarks.gpu.stem_check \
     --forms whole,fused --stack 1 --dtype bfloat16 >>"$OUT/stem_check.jsonl" 2>>"$LOG"
   cat "$OUT/stem_check.jsonl" >>"$LOG"
   stamp bench pallas
   # The target pair first (one run and 8 stacked, with the kernels), then
   # one run without them (A/B), the pair in bfloat16 (by XLA's kernel list
-  # the likeliest to come within 2x: 13.4 GB per 8 stacked steps), and 8
-  # stacked without the kernels.
+  # the likeliest to come within 2x: the fewest bytes per stacked step), and
+  # 8 stacked without the kernels.
   bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 $PALLAS >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $PALLAS >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 100)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
@@ -169,8 +169,8 @@ if [ "$PLAN" = stack ]; then
   bench "$ROOT" "$(cap 45)" -c "$QUICK" --steps 2000 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 $NO_WORKERS >>"$OUT/bench.jsonl"
-  # XLA's kernel list (gpu_program.py): 222 launches and 1.91 GB per step
-  # against 237 and 2.00 GB with the grouped convolutions.
+  # As GEMMs, XLA's kernel list (gpu_program.py) has fewer launches and
+  # bytes per step than with the grouped convolutions.
   bench "$ROOT" "$(cap 60)" -c "$QUICK" --steps 1000 --stack 8 $GEMM >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 110)" -c "$PAPER" --steps 300 >>"$OUT/bench.jsonl"
   bench "$ROOT" "$(cap 130)" -c "$PAPER" --steps 100 --stack 8 $BF16 >>"$OUT/bench.jsonl"
