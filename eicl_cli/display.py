@@ -65,6 +65,7 @@ class TrainDisplay:
         self.live = is_terminal() if live is None else live
         self._progress = None
         self._task = None
+        self._legend_shown = False
 
     def __enter__(self) -> "TrainDisplay":
         if self.live:
@@ -101,24 +102,36 @@ class TrainDisplay:
             f"lr {lr:.3g}  {steps_per_s:.1f} steps/s  eta {_eta(eta)}",
             markup=False, highlight=False, soft_wrap=True, emoji=False)
 
-    def eval_table(self, step: int, rows: list[dict]) -> None:
-        """rows: evaluate.table_rows(...) — one dict per mode."""
+    def eval_table(self, step: int, rows: list[dict], *, elapsed: float | None = None) -> None:
+        """rows: evaluate.table_rows(...) — one dict per mode. elapsed: the run's
+        wall time in seconds so far, before a resume included (the metrics' `time`)."""
+        when = f" ({_elapsed(elapsed)} elapsed)" if elapsed is not None else ""
         if self._progress is not None:
-            self._progress.console.print(eval_table(rows, title=f"evaluation at step {step}"))
+            # The legend explains the columns once; repeated, it buries the numbers.
+            self._progress.console.print(eval_table(rows, title=f"evaluation at step {step}{when}",
+                                                    legend=not self._legend_shown))
+            self._legend_shown = True
             return
         for r in rows:
             role = f" ({r['role']})" if r["role"] else ""
             ceiling = f"  ceiling {_fmt(r['ceiling'])}" if r["ceiling"] is not None else ""
             console.print(
-                f"eval step {step}  {r['mode']}{role}  accuracy_query {_fmt(r['accuracy_query'])}"
+                f"eval step {step}{when}  {r['mode']}{role}  accuracy_query {_fmt(r['accuracy_query'])}"
                 f"  accuracy_closed {_fmt(r['accuracy_closed'])}  loss {_fmt(r['loss_query'], 4)}"
                 f"{ceiling}  n {r['sequences']}",
                 markup=False, highlight=False, soft_wrap=True, emoji=False)
 
 
-def eval_table(rows: list[dict], title: str):
-    """A Rich table, one row per eval mode, with IWL and ICL named as such.
-    Compact enough for an 80-column terminal."""
+def _elapsed(seconds: float) -> str:
+    """Wall time as H:MM:SS, the hours unbounded (long runs last days)."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def eval_table(rows: list[dict], title: str, legend: bool = True):
+    """A Rich table, one row per eval mode, with IWL and ICL named as such,
+    and (with `legend`) what the roles and columns mean. Compact enough for an
+    80-column terminal."""
     from rich import box
     from rich.table import Table
     n = {r["sequences"] for r in rows}
@@ -134,6 +147,8 @@ def eval_table(rows: list[dict], title: str):
     for r in rows:
         table.add_row(r["mode"], r["role"], _fmt(r["accuracy_query"]),
                       _fmt(r["accuracy_closed"]), _fmt(r["loss_query"], 3), _fmt(r["ceiling"]))
+    if not legend:
+        return table
     table.caption = ("IWL = in-weights learning, ICL = in-context learning. accuracy_query: "
                      "argmax over all labels (strict); accuracy_closed: argmax over the labels "
                      "that can be right (few-shot: 0..ways-1); ceiling: the best any learner can "

@@ -302,7 +302,7 @@ def _run_stack(cfgs: list[Config], run_dirs: list[Path], names: list[str], tomls
                                               "time": round(now(i), 3), **m,
                                               "sequences_per_s": m["sequences"] / max(took, 1e-9)})
             view.print(f"{names[i]}:")
-            view.eval_table(step, table_rows(cfg, results))
+            view.eval_table(step, table_rows(cfg, results), elapsed=now(i))
 
     sizes = call_plan(start, total, per_call,
                       (r.log_every, r.eval_every, r.checkpoint_every))

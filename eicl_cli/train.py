@@ -411,7 +411,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, live: bool | None,
                 runs.append_metrics(run_dir, {"kind": "eval", "step": step, "mode": mode,
                                               "time": round(now(), 3), **m,
                                               "sequences_per_s": m["sequences"] / max(took, 1e-9)})
-        view.eval_table(step, table_rows(cfg, results))
+        view.eval_table(step, table_rows(cfg, results), elapsed=now())
 
     def batches(step: int, n: int) -> dict[str, jax.Array]:
         """The batches of steps step .. step + n - 1 on the device (one call's)."""
