@@ -242,6 +242,10 @@ def sweep(
         "--stack", metavar="K", help="Train up to K runs of equal array shapes (e.g. differing only in "
                         "p_bursty, zipf_exponent or seed) in one process and one jitted "
                         "step; each keeps its own run folder.")] = 1,
+    steps_per_s: Annotated[Optional[float], typer.Option(
+        "--steps-per-s", metavar="FLOAT", help="With --dry-run: cost the runs at this many "
+        "training steps per second (of a K-stack step with --stack K), e.g. `eicl bench`'s "
+        "figure for a GPU; default: measured here on the default device.")] = None,
 ) -> None:
     """Run a grid of configs (a paper figure), resumably.
 
@@ -256,9 +260,16 @@ def sweep(
     title = f"{spec.path.name}: {len(sweep_runs)} runs in {folder}"
     if spec.description:
         title += f" — {spec.description}"
+    from . import cost
+    if steps_per_s is not None and not dry_run:
+        raise EiclError("--steps-per-s only applies to --dry-run")
+    if steps_per_s is not None:
+        cost.check_steps_per_s(steps_per_s)
     if dry_run:
-        display.print_sweep_table(sweep_mod.dry_run_statuses(folder, spec, sweep_runs), keys,
-                                  "dry run: " + title)
+        statuses = sweep_mod.dry_run_statuses(folder, spec, sweep_runs)
+        display.print_sweep_table(statuses, keys, "dry run: " + title)
+        display.print_sweep_cost(cost.sweep_cost(sweep_runs, statuses, stack, steps_per_s,
+                                                 on_measure=display.measuring))
         return
     sweep_mod.write_manifest(folder, spec, sweep_runs)
     manifest = sweep_mod.read_manifest(folder)

@@ -245,6 +245,61 @@ def print_sweep_table(statuses: list, keys: list[str], title: str) -> None:
     console.print(sweep_table(statuses, keys, title))
 
 
+def duration(seconds: float) -> str:
+    """A training time at the precision a plan needs: 45s, 12m 05s, 3h 20m, 5d 04h."""
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600:02d}h"
+
+
+def sweep_cost_table(cost):
+    """cost: cost.SweepCost. Per run: steps left, the steps/s of the step it
+    trains in, and the time of its task; then the sum."""
+    from rich import box
+    from rich.table import Table
+    stacked = cost.stack > 1
+    t = Table(title=f"expected training time ({cost.source})", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("run", no_wrap=True)
+    t.add_column("steps left", justify="right")
+    t.add_column("steps/s", justify="right")
+    if stacked:
+        t.add_column("stacked", justify="right")
+    t.add_column("time", justify="right")
+    for r in cost.runs:
+        row = [r.name, f"{r.steps_left:,}",
+               f"{r.steps_per_s:.3g}" if r.steps_per_s is not None else "-"]
+        if stacked:
+            row.append(f"{r.stacked_with}" if r.steps_left else "-")
+        row.append(duration(r.seconds) if r.steps_left else "done")
+        t.add_row(*row)
+    shared = " (a stacked task's time is shown on each of its runs, counted once)" \
+        if stacked else ""
+    t.caption = f"in all, one task after another: {duration(cost.seconds)}{shared}"
+    t.caption_justify = "left"
+    return t
+
+
+def measuring(cfg, stack: int) -> None:
+    """Said before each steps/s measurement of a sweep's dry run (each compiles a step)."""
+    what = f"{stack} stacked runs of " if stack > 1 else ""
+    info(f"measuring steps/s of {what}{cfg.model.kind} ({cfg.embedding.example_encoder} "
+         f"encoder, batch {cfg.train.batch_size}) after compiling it; "
+         "--steps-per-s skips this")
+
+
+def print_sweep_cost(cost) -> None:
+    if cost.unavailable:
+        info(f"no time estimate: {cost.unavailable}; give --steps-per-s")
+        return
+    console.print(sweep_cost_table(cost))
+
+
 class SweepDisplay:
     """Live sweep table on a terminal; on other outputs one line per event."""
 
