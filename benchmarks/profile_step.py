@@ -51,8 +51,8 @@ def _model_only(cfg: config_mod.Config, steps: int, stack: int = 1) -> Callable[
     images and labels of the training batch's shape, compiled and run once.
     `stack` K > 1: K model replicas under vmap, each on its own batch, as
     `eicl sweep --stack K` runs them."""
-    from eicl_cli.stack import stack_trees
-    from eicl_cli.train import build_model_shared  # one pytree structure for all replicas
+    from eicl_cli.training.step import build_model_shared  # one pytree structure for all replicas
+    from eicl_cli.training.trainer import stack_trees
     image_shape = default_image_shape(cfg)
     built = [build_model_shared(cfg, jax.random.key(i), image_shape) for i in range(stack)]
     model, state = built[0] if stack == 1 else (stack_trees([m for m, _ in built]),
@@ -104,13 +104,16 @@ def main() -> None:
         # Data, model and compilation outside the trace, so the table holds
         # the timed steps alone (a GPU tracer records every kernel it sees).
         from eicl_cli.data.dataset import load_dataset
-        from eicl_cli.data.sequences import SequenceGenerator
         from eicl_cli.inputs import device_data
+        from eicl_cli.training.loop import run_steps
         dataset = load_dataset(cfg)
-        generator = SequenceGenerator(dataset, cfg)
-        runner = bench.StepRunner(cfg, dataset, device_data(dataset, cfg), generator)
-        runner.run(0, 2)
-        run = lambda: runner.run(2, args.steps)  # noqa: E731
+        trainer = bench.bench_trainer(cfg, dataset, device_data(dataset, cfg))
+        run_steps(trainer, 0, 2)
+        jax.block_until_ready(trainer.carry.leaves)
+
+        def run() -> None:
+            run_steps(trainer, 2, 2 + args.steps)
+            jax.block_until_ready(trainer.carry.leaves)
     events = _traced(run)
     processes = {e["pid"]: e.get("args", {}).get("name", "")
                  for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}

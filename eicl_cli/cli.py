@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import EiclError
+from .help_style import Command, Group
 
 app = typer.Typer(
     name="eicl",
@@ -18,11 +19,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", metavar="PATH", help="TOML config file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a config key: section.key=value (TOML literal). Repeatable.")]
+    "--set", metavar="KEY=VALUE", help="Override a config key: section.key=value (TOML literal). Repeatable.")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -41,25 +43,25 @@ def user_errors(fn):
     return wrapper
 
 
-@app.command("prepare-data")
+@app.command("prepare-data", cls=Command)
 @user_errors
 def prepare_data(
     source: Annotated[Optional[str], typer.Option(
-        "--source", help="Where Omniglot comes from: omitted = download the official zips "
+        "--source", metavar="SOURCE", help="Where Omniglot comes from: omitted = download the official zips "
         "(checked against their sha256); a path (the two zips, a folder holding them, or the "
         "extracted images_background/ and images_evaluation/ folders); 'tfds'; or 'synthetic' "
         "(procedurally drawn glyphs, marked synthetic).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", help="Cache folder; default $EICL_DATA_DIR, else ~/.cache/eicl.")] = None,
+        "--data-dir", metavar="PATH", help="Cache folder; default $EICL_DATA_DIR, else ~/.cache/eicl.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cache is up to date.")] = False,
     classes: Annotated[Optional[int], typer.Option(
-        "--classes", help="Synthetic only: number of classes (default 1623, as Omniglot).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Synthetic only: drawing seed.")] = 0,
+        "--classes", metavar="INTEGER", help="Synthetic only: number of classes (default 1623, as Omniglot).")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Synthetic only: drawing seed.")] = 0,
     url_background: Annotated[Optional[str], typer.Option(
-        "--url-background", envvar="EICL_OMNIGLOT_URL_BACKGROUND",
+        "--url-background", metavar="URL", envvar="EICL_OMNIGLOT_URL_BACKGROUND",
         help="Download URL of images_background.zip (mirror); its sha256 must still be the official one.")] = None,
     url_evaluation: Annotated[Optional[str], typer.Option(
-        "--url-evaluation", envvar="EICL_OMNIGLOT_URL_EVALUATION",
+        "--url-evaluation", metavar="URL", envvar="EICL_OMNIGLOT_URL_EVALUATION",
         help="Download URL of images_evaluation.zip (mirror); its sha256 must still be the official one.")] = None,
 ) -> None:
     """Download or import Omniglot (or draw a synthetic set) and cache it once."""
@@ -77,26 +79,26 @@ def prepare_data(
     display.print_prepare_summary(result)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Run folder (default: <run.out_dir>/<config name>-<time>).")] = None,
+        "--out", metavar="PATH", help="Run folder (default: <run.out_dir>/<config name>-<time>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        "--resume", help="Continue this run folder from its newest intact checkpoint.")] = None,
+        "--resume", metavar="RUN", help="Continue this run folder from its newest intact checkpoint.")] = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the resolved config (as the run will save it) and exit.")] = False,
     print_model: Annotated[bool, typer.Option(
         "--print-model", help="Print the model's parameter counts per module and exit.")] = False,
     coordinator: Annotated[Optional[str], typer.Option(
-        "--coordinator", help="Multi-host: HOST:PORT of process 0 (with --num-processes, "
+        "--coordinator", metavar="HOST:PORT", help="Multi-host: HOST:PORT of process 0 (with --num-processes, "
                               "--process-id; the run folder must be on a shared filesystem).")] = None,
     num_processes: Annotated[Optional[int], typer.Option(
-        "--num-processes", help="Multi-host: number of processes.")] = None,
+        "--num-processes", metavar="INTEGER", help="Multi-host: number of processes.")] = None,
     process_id: Annotated[Optional[int], typer.Option(
-        "--process-id", help="Multi-host: this process's index, 0..N-1.")] = None,
+        "--process-id", metavar="INTEGER", help="Multi-host: this process's index, 0..N-1.")] = None,
     distributed: Annotated[bool, typer.Option(
         "--distributed", help="Multi-host: read the cluster from the environment "
                               "(SLURM, Open MPI) via jax.distributed.initialize().")] = False,
@@ -143,16 +145,16 @@ def train(
         raise typer.Exit(130)
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 @user_errors
 def eval_(
-    target: Annotated[Path, typer.Argument(help="A run folder (newest checkpoint) or a checkpoint file.")],
+    target: Annotated[Path, typer.Argument(metavar="TARGET", help="A run folder (newest checkpoint) or a checkpoint file.")],
     mode: Annotated[Optional[list[str]], typer.Option(
-        "--mode", "-m", help="Eval mode; repeatable (default: the config's eval.modes).")] = None,
+        "--mode", "-m", metavar="MODE", help="Eval mode; repeatable (default: the config's eval.modes).")] = None,
     sequences: Annotated[Optional[int], typer.Option(
-        "--sequences", "-n", help="Sequences per mode (default: eval.sequences, 10000).")] = None,
+        "--sequences", "-n", metavar="INTEGER", help="Sequences per mode (default: eval.sequences, 10000).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Sequences per device batch (default: eval.batch_size); "
+        "--batch-size", metavar="INTEGER", help="Sequences per device batch (default: eval.batch_size); "
                              "the numbers do not depend on it.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
 ) -> None:
@@ -189,20 +191,24 @@ def eval_(
                  f"({len(modes) * n / max(took, 1e-9):.0f} sequences/s)")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def sweep(
-    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML file: base config, seeds, and set / grid / zip tables.")],
+    sweep_file: Annotated[Path, typer.Argument(metavar="SWEEP_FILE", help="Sweep TOML file: base config, seeds, and set / grid / zip tables.")],
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Sweep folder (default: <run.out_dir>/sweeps/<file stem>).")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at the same time.")] = 1,
+        "--out", metavar="PATH", help="Sweep folder (default: <run.out_dir>/sweeps/<file stem>).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="INTEGER", help="Runs trained at the same time.")] = 1,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List the runs and their state; run nothing, write nothing.")] = False,
     set_: SetOpt = None,
     stack: Annotated[int, typer.Option(
-        "--stack", help="Train up to K runs of equal array shapes (e.g. differing only in "
+        "--stack", metavar="K", help="Train up to K runs of equal array shapes (e.g. differing only in "
                         "p_bursty, zipf_exponent or seed) in one process and one jitted "
                         "step; each keeps its own run folder.")] = 1,
+    steps_per_s: Annotated[Optional[float], typer.Option(
+        "--steps-per-s", metavar="FLOAT", help="With --dry-run: cost the runs at this many "
+        "training steps per second (of a K-stack step with --stack K), e.g. `eicl bench`'s "
+        "figure for a GPU; default: measured here on the default device.")] = None,
 ) -> None:
     """Run a grid of configs (a paper figure), resumably.
 
@@ -217,9 +223,16 @@ def sweep(
     title = f"{spec.path.name}: {len(sweep_runs)} runs in {folder}"
     if spec.description:
         title += f" — {spec.description}"
+    from . import cost
+    if steps_per_s is not None and not dry_run:
+        raise EiclError("--steps-per-s only applies to --dry-run")
+    if steps_per_s is not None:
+        cost.check_steps_per_s(steps_per_s)
     if dry_run:
-        display.print_sweep_table(sweep_mod.dry_run_statuses(folder, spec, sweep_runs), keys,
-                                  "dry run: " + title)
+        statuses = sweep_mod.dry_run_statuses(folder, spec, sweep_runs)
+        display.print_sweep_table(statuses, keys, "dry run: " + title)
+        display.print_sweep_cost(cost.sweep_cost(sweep_runs, statuses, stack, steps_per_s,
+                                                 on_measure=display.measuring))
         return
     sweep_mod.write_manifest(folder, spec, sweep_runs)
     manifest = sweep_mod.read_manifest(folder)
@@ -237,12 +250,12 @@ def sweep(
              code=1)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="Run folders and/or sweep folders.")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATHS", help="Run folders and/or sweep folders.")],
     plot: Annotated[Optional[Path], typer.Option(
-        "--plot", help="Write ICL and IWL learning curves to this PNG file.")] = None,
+        "--plot", metavar="PNG", help="Write ICL and IWL learning curves to this PNG file.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
     csv_: Annotated[bool, typer.Option("--csv", help="Print CSV instead of the table.")] = False,
     closed: Annotated[bool, typer.Option(
@@ -275,25 +288,25 @@ def report(
             display.info(f"plot written to {plot}")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def sample(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     mode: Annotated[Optional[str], typer.Option(
-        "--mode", "-m", help="Sequence kind: bursty, mixed, random, no_support_*, fewshot_* "
+        "--mode", "-m", metavar="MODE", help="Sequence kind: bursty, mixed, random, no_support_*, fewshot_* "
                              "(default: sequences.train_kind).")] = None,
-    n: Annotated[int, typer.Option("-n", "--num", help="Number of sequences.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample stream.")] = 0,
+    n: Annotated[int, typer.Option("-n", "--num", metavar="INTEGER", help="Number of sequences.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the sample stream.")] = 0,
     step: Annotated[Optional[int], typer.Option(
-        "--step", help="Show the first N sequences of this training step's batch "
+        "--step", metavar="INTEGER", help="Show the first N sequences of this training step's batch "
                        "(exactly what `eicl train` feeds the model) instead.")] = None,
     json_: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object per sequence instead of tables.")] = False,
     png: Annotated[Optional[Path], typer.Option(
-        "--png", help="Also draw the sequences as an image grid to this PNG file.")] = None,
+        "--png", metavar="PNG", help="Also draw the sequences as an image grid to this PNG file.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", help="Where the prepared cache lives (default: data.data_dir, "
+        "--data-dir", metavar="PATH", help="Where the prepared cache lives (default: data.data_dir, "
                            "$EICL_DATA_DIR, ~/.cache/eicl).")] = None,
 ) -> None:
     """Show the sequences the generator makes: classes, drawings and labels."""
@@ -332,11 +345,11 @@ def sample(
             display.info(f"image grid written to {png}")
 
 
-@app.command("train-stack", hidden=True)
+@app.command("train-stack", hidden=True, cls=Command)
 @user_errors
 def train_stack(
-    names: Annotated[list[str], typer.Argument(help="Run names in the sweep folder.")],
-    sweep_dir: Annotated[Path, typer.Option("--sweep-dir", help="The sweep folder.")],
+    names: Annotated[list[str], typer.Argument(metavar="NAMES", help="Run names in the sweep folder.")],
+    sweep_dir: Annotated[Path, typer.Option("--sweep-dir", metavar="PATH", help="The sweep folder.")],
 ) -> None:
     """(Used by `eicl sweep --stack`.) Train several sweep runs in one stacked step."""
     from . import display, training
@@ -352,18 +365,18 @@ def train_stack(
     display.info(f"finished {len(names)} stacked runs at step {outcome.step}")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def bench(
     config: Annotated[Optional[list[Path]], typer.Option(
-        "--config", "-c", help="Config to measure; repeatable (default: the paper config "
+        "--config", "-c", metavar="PATH", help="Config to measure; repeatable (default: the paper config "
                                "and quickstart.toml).")] = None,
     set_: SetOpt = None,
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", help="Timed training steps after compilation (default: 3 on CPU for "
+        "--steps", metavar="INTEGER", help="Timed training steps after compilation (default: 3 on CPU for "
                         "ResNet configs, 100 otherwise).")] = None,
     stack: Annotated[int, typer.Option(
-        "--stack", help="Measure K stacked replicas of each config in one step.")] = 1,
+        "--stack", metavar="K", help="Measure K stacked replicas of each config in one step.")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
 ) -> None:
     """Measure generation, compile, training and eval speed, and peak memory.

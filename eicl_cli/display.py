@@ -66,6 +66,7 @@ class TrainDisplay:
         self.live = is_terminal() if live is None else live
         self._progress = None
         self._task = None
+        self._legend_shown = False
 
     def __enter__(self) -> "TrainDisplay":
         if self.live:
@@ -102,24 +103,36 @@ class TrainDisplay:
             f"lr {lr:.3g}  {steps_per_s:.1f} steps/s  eta {_eta(eta)}",
             markup=False, highlight=False, soft_wrap=True, emoji=False)
 
-    def eval_table(self, step: int, rows: list[dict]) -> None:
-        """rows: evaluate.table_rows(...) — one dict per mode."""
+    def eval_table(self, step: int, rows: list[dict], *, elapsed: float | None = None) -> None:
+        """rows: evaluate.table_rows(...) — one dict per mode. elapsed: the run's
+        wall time in seconds so far, before a resume included (the metrics' `time`)."""
+        when = f" ({_elapsed(elapsed)} elapsed)" if elapsed is not None else ""
         if self._progress is not None:
-            self._progress.console.print(eval_table(rows, title=f"evaluation at step {step}"))
+            # The legend explains the columns once; repeated, it buries the numbers.
+            self._progress.console.print(eval_table(rows, title=f"evaluation at step {step}{when}",
+                                                    legend=not self._legend_shown))
+            self._legend_shown = True
             return
         for r in rows:
             role = f" ({r['role']})" if r["role"] else ""
             ceiling = f"  ceiling {_fmt(r['ceiling'])}" if r["ceiling"] is not None else ""
             console.print(
-                f"eval step {step}  {r['mode']}{role}  accuracy_query {_fmt(r['accuracy_query'])}"
+                f"eval step {step}{when}  {r['mode']}{role}  accuracy_query {_fmt(r['accuracy_query'])}"
                 f"  accuracy_closed {_fmt(r['accuracy_closed'])}  loss {_fmt(r['loss_query'], 4)}"
                 f"{ceiling}  n {r['sequences']}",
                 markup=False, highlight=False, soft_wrap=True, emoji=False)
 
 
-def eval_table(rows: list[dict], title: str):
-    """A Rich table, one row per eval mode, with IWL and ICL named as such.
-    Compact enough for an 80-column terminal."""
+def _elapsed(seconds: float) -> str:
+    """Wall time as H:MM:SS, the hours unbounded (long runs last days)."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def eval_table(rows: list[dict], title: str, legend: bool = True):
+    """A Rich table, one row per eval mode, with IWL and ICL named as such,
+    and (with `legend`) what the roles and columns mean. Compact enough for an
+    80-column terminal."""
     from rich import box
     from rich.table import Table
     n = {r["sequences"] for r in rows}
@@ -135,6 +148,8 @@ def eval_table(rows: list[dict], title: str):
     for r in rows:
         table.add_row(r["mode"], r["role"], _fmt(r["accuracy_query"]),
                       _fmt(r["accuracy_closed"]), _fmt(r["loss_query"], 3), _fmt(r["ceiling"]))
+    if not legend:
+        return table
     table.caption = ("IWL = in-weights learning, ICL = in-context learning. accuracy_query: "
                      "argmax over all labels (strict); accuracy_closed: argmax over the labels "
                      "that can be right (few-shot: 0..ways-1); ceiling: the best any learner can "
@@ -242,6 +257,61 @@ def sweep_table(statuses: list, keys: list[str], title: str):
 
 def print_sweep_table(statuses: list, keys: list[str], title: str) -> None:
     console.print(sweep_table(statuses, keys, title))
+
+
+def duration(seconds: float) -> str:
+    """A training time at the precision a plan needs: 45s, 12m 05s, 3h 20m, 5d 04h."""
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600:02d}h"
+
+
+def sweep_cost_table(cost):
+    """cost: cost.SweepCost. Per run: steps left, the steps/s of the step it
+    trains in, and the time of its task; then the sum."""
+    from rich import box
+    from rich.table import Table
+    stacked = cost.stack > 1
+    t = Table(title=f"expected training time ({cost.source})", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("run", no_wrap=True)
+    t.add_column("steps left", justify="right")
+    t.add_column("steps/s", justify="right")
+    if stacked:
+        t.add_column("stacked", justify="right")
+    t.add_column("time", justify="right")
+    for r in cost.runs:
+        row = [r.name, f"{r.steps_left:,}",
+               f"{r.steps_per_s:.3g}" if r.steps_per_s is not None else "-"]
+        if stacked:
+            row.append(f"{r.stacked_with}" if r.steps_left else "-")
+        row.append(duration(r.seconds) if r.steps_left else "done")
+        t.add_row(*row)
+    shared = " (a stacked task's time is shown on each of its runs, counted once)" \
+        if stacked else ""
+    t.caption = f"in all, one task after another: {duration(cost.seconds)}{shared}"
+    t.caption_justify = "left"
+    return t
+
+
+def measuring(cfg, stack: int) -> None:
+    """Said before each steps/s measurement of a sweep's dry run (each compiles a step)."""
+    what = f"{stack} stacked runs of " if stack > 1 else ""
+    info(f"measuring steps/s of {what}{cfg.model.kind} ({cfg.embedding.example_encoder} "
+         f"encoder, batch {cfg.train.batch_size}) after compiling it; "
+         "--steps-per-s skips this")
+
+
+def print_sweep_cost(cost) -> None:
+    if cost.unavailable:
+        info(f"no time estimate: {cost.unavailable}; give --steps-per-s")
+        return
+    console.print(sweep_cost_table(cost))
 
 
 class SweepDisplay:

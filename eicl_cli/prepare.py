@@ -61,13 +61,28 @@ def _up_to_date(path: Path, fingerprint: str, force: bool) -> dict[str, str] | N
     return None
 
 
+def _current_omniglot(path: Path) -> dict[str, str] | None:
+    """The metadata of a readable Omniglot cache in the current format, else None."""
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)
+    except EiclError:
+        return None  # unreadable: rebuild it
+    if meta.get("kind") == "omniglot" and meta.get("format_version") == FORMAT_VERSION:
+        return meta
+    return None
+
+
 def prepare_data(source: str | None, data_dir: Path, *, force: bool = False,
                  classes: int | None = None, seed: int = 0,
                  urls: dict[str, str | None] | None = None,
                  expected: dict[str, tuple[int, str]] | None = None,
                  progress: ProgressFn | None = None) -> PrepareResult:
     """Build (or find up to date) the cache for `source`:
-    None = download the official zips; "synthetic"; "tfds"; else a local path.
+    None = download the official zips, unless an Omniglot cache is already
+    there (from any source; `force` downloads anyway); "synthetic"; "tfds";
+    else a local path.
     `expected` replaces the official size/sha256 table for downloads (tests only)."""
     t0 = time.perf_counter()
     data_dir = Path(data_dir).expanduser()
@@ -90,6 +105,11 @@ def prepare_data(source: str | None, data_dir: Path, *, force: bool = False,
         fingerprint = None  # known only once TFDS is imported
         reader = lambda: omniglot.read_tfds(bar("convert"))
     elif source is None:
+        # No source named: an Omniglot cache already here, from whatever source
+        # (local zips, TFDS, a download), is the data; re-running the
+        # quickstart line offline must not try the network.
+        if not force and (meta := _current_omniglot(path)) is not None:
+            return _summary(path, meta, True, time.perf_counter() - t0)
         table = expected or omniglot.OFFICIAL_FILES
         fingerprint = _json_fingerprint({n: sha for n, (_, sha) in table.items()})
         resolved = omniglot.official_urls(urls)

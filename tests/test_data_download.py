@@ -127,3 +127,29 @@ def test_url_flags_and_environment(monkeypatch):
     monkeypatch.delenv("EICL_OMNIGLOT_URL_EVALUATION")
     assert official_urls()["images_evaluation.zip"].startswith(
         "https://github.com/brendenlake/omniglot/raw/master/python/")
+
+
+def test_no_source_with_a_cache_from_local_zips_is_up_to_date_offline(server, tmp_path,
+                                                                      monkeypatch):
+    """`eicl prepare-data && eicl train ...` re-run after the cache was built
+    with --source: no download is tried (the zips need not be the official
+    bytes), exit 0; --force still downloads."""
+    fake, base = server
+    built = prepare_data(str(fake.folder), tmp_path)
+    mtime = built.path.stat().st_mtime_ns
+    monkeypatch.setenv("EICL_OMNIGLOT_URL_BACKGROUND", f"{base}/images_background.zip")
+    monkeypatch.setenv("EICL_OMNIGLOT_URL_EVALUATION", f"{base}/images_evaluation.zip")
+    _Handler.requests.clear()
+    out = CliRunner().invoke(app, ["prepare-data", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "up to date" in out.output and str(fake.background_zip) in out.output
+    assert _Handler.requests == [] and built.path.stat().st_mtime_ns == mtime
+    forced = prepare_data(None, tmp_path, force=True, urls=_urls(base), expected=fake.expected())
+    assert not forced.skipped and len(_Handler.requests) == 2
+
+
+def test_no_source_with_an_unreadable_cache_downloads(server, tmp_path):
+    fake, base = server
+    (tmp_path / "omniglot.safetensors").write_bytes(b"not a cache")
+    r = prepare_data(None, tmp_path, urls=_urls(base), expected=fake.expected())
+    assert not r.skipped and r.n_classes == fake.n_classes

@@ -58,7 +58,8 @@ def test_quickstart_sweep_expands_to_its_six_points() -> None:
 
 def test_quickstart_sweep_dry_run_lists_its_points(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    result = CliRunner().invoke(app, ["sweep", str(SWEEP), "--dry-run", "--out", str(out)],
+    result = CliRunner().invoke(app, ["sweep", str(SWEEP), "--dry-run", "--out", str(out),
+                                      "--steps-per-s", "10"],  # no measuring here
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for label in LABELS:

@@ -57,8 +57,11 @@ def test_stacked_points_equal_the_same_points_trained_one_by_one(data_dir: Path,
         assert [(e["step"], e["stacked_with"], e["steps_per_call"])
                 for e in runs.read_environment(s)] == [(0, 4, 1), (3, 4, 1)]
         assert not (s / runs.TRAIN_LOCK).exists()
+        # The vmapped step is another program (XLA may reassociate its sums per
+        # CPU), and Adam turns that rounding into parameter moves up to the step
+        # size within 5 steps: losses agree to 1e-3, not to float32's 1e-7.
         np.testing.assert_allclose([r["loss"] for r in ts], [r["loss"] for r in ta],
-                                   rtol=1e-4, atol=1e-5)
+                                   rtol=1e-3, atol=1e-5)
         # (The stack also evaluated at step 3, where its first leg ended.)
         ea = runs.read_metrics(a, kind="eval")
         es = [r for r in runs.read_metrics(s, kind="eval") if r["step"] == 6]
@@ -72,8 +75,9 @@ def test_stacked_points_equal_the_same_points_trained_one_by_one(data_dir: Path,
         assert ca.keys() == cs.keys()
         for name in ca:
             # Adam turns rounding-level gradients into full steps: compare
-            # parameters at the step size, batch-norm statistics tightly.
-            tol = dict(rtol=1e-4, atol=1e-6) if name.startswith("state.") else \
+            # parameters at the step size; batch-norm statistics are means of
+            # activations of those parameters, so they can differ as much.
+            tol = dict(rtol=1e-3, atol=1e-5) if name.startswith("state.") else \
                 dict(rtol=1e-3, atol=5e-4)
             np.testing.assert_allclose(cs[name], ca[name], err_msg=name, **tol)
     # Different data and seeds really gave different runs.

@@ -143,7 +143,8 @@ def test_paper_sweep_dry_run_lists_points(path: Path, tmp_path: Path) -> None:
     # a quickstart miniature may name its partner points in another sweep
     assert len(points) >= (2 if path.name.startswith("quickstart") else 3)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--out", str(out)],
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--out", str(out),
+                                      "--steps-per-s", "10"],  # no measuring here
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert f"{len(points)} runs" in result.output

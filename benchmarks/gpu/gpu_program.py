@@ -393,8 +393,7 @@ def compile_step(config: Path, overrides: list[str], stack: int, target: str) ->
 
     from eicl_cli import bench
     from eicl_cli.data.dataset import load_dataset
-    from eicl_cli.data.sequences import SequenceGenerator
-    from eicl_cli.flat_step import steps_per_call
+    from eicl_cli.training.flat_step import steps_per_call
     from eicl_cli.inputs import device_data
 
     topology = topologies.get_topology_desc(
@@ -404,8 +403,7 @@ def compile_step(config: Path, overrides: list[str], stack: int, target: str) ->
 
     cfg = bench.load_for_bench(config, overrides)
     dataset = load_dataset(cfg)
-    generator = SequenceGenerator(dataset, cfg)
-    runner = bench.StepRunner(cfg, dataset, device_data(dataset, cfg), generator, stack)
+    runner = bench.bench_trainer(cfg, dataset, device_data(dataset, cfg), stack)
     k = steps_per_call(cfg.train.steps_per_call, "gpu")  # as a run on the GPU would
     fn, args = runner.first_call(k)
     abstract = jax.tree_util.tree_map(

@@ -249,15 +249,15 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
                                      trainer.generators[i], list(cfg.eval.modes),
                                      cfg.eval.train_sequences, cfg.eval.batch_size,
                                      cfg.eval.seed)
-            took = time.perf_counter() - started
+            took, at = time.perf_counter() - started, round(now(i), 3)
             if writer:
                 for mode, m in results.items():
                     runs.append_metrics(run_dir, {
-                        "kind": "eval", "step": step, "mode": mode, "time": round(now(i), 3),
+                        "kind": "eval", "step": step, "mode": mode, "time": at,
                         **m, "sequences_per_s": m["sequences"] / max(took, 1e-9)})
             if stacked:
                 view.print(f"{names[i]}:")
-            view.eval_table(step, table_rows(cfg, results))
+            view.eval_table(step, table_rows(cfg, results), elapsed=at)
 
     def log(done: int, sps: float) -> None:
         lr = float(schedule(done - 1))
