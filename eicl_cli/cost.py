@@ -2,7 +2,7 @@
 from a steps/s figure that is given (say, a GPU's from `eicl bench`) or
 measured here on the default device, one figure per compiled program.
 
-Runs with equal `stack.stack_key` compile to the same step, so one
+Runs with equal `experiment_keys.stack_identity` compile to the same step, so one
 measurement covers them all. With `--stack K` the sweep trains up to K such
 runs (at equal progress) in one stacked step, which costs more than one run's
 step but much less than K of them; the figure is then a K-stack step's.
@@ -43,13 +43,9 @@ class PendingRun:
 
 
 def _tasks(pending: list[PendingRun], stack: int) -> list[list[PendingRun]]:
-    """The sweep's own grouping: equal compiled step and equal progress,
-    in tasks of up to `stack` runs, order kept."""
-    from .stack import stack_key
-    groups: dict[tuple[str, int], list[PendingRun]] = {}
-    for run in pending:
-        groups.setdefault((stack_key(run.config), run.done), []).append(run)
-    return [names[i:i + stack] for names in groups.values() for i in range(0, len(names), stack)]
+    """The sweep's own grouping of runs into stacked tasks."""
+    from .sweep.local import stack_groups
+    return stack_groups(pending, lambda run: run.config, lambda run: run.done, stack)
 
 
 def estimate(pending: list[PendingRun], stack: int, rate: Callable[[Config, int], float],
@@ -92,12 +88,12 @@ def measured_rate(stack: int, steps: int | None = None,
     code, once per compiled program (stack key and stack size): a few steps
     after compilation. Stacked tasks are measured stacked, with the sweep's K."""
     from . import bench
-    from .stack import stack_key
+    from .experiment_keys import stack_identity
     measured: dict[tuple[str, int], float] = {}
 
     def rate(cfg: Config, k: int) -> float:
         k = stack if k > 1 else 1  # a shorter last task is costed as a full stack
-        key = (stack_key(cfg), k)
+        key = (stack_identity(cfg), k)
         if key not in measured:
             if on_measure is not None:
                 on_measure(cfg, k)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from .. import config as config_mod
 from .. import runs
@@ -61,26 +61,33 @@ def stack_command(sweep_dir: Path, names: list[str]) -> list[str]:
             str(sweep_dir), *names]
 
 
+T = TypeVar("T")
+
+
+def stack_groups(items: list[T], config: Callable[[T], config_mod.Config],
+                 progress: Callable[[T], int], stack: int) -> list[list[T]]:
+    """Runs that can share a step (equal stack identity, equal progress) in
+    groups of up to `stack`; the rest alone. Order follows `items`."""
+    groups: dict[tuple[str, int], list[T]] = {}
+    for item in items:
+        groups.setdefault((stack_identity(config(item)), progress(item)), []).append(item)
+    return [same[i:i + stack] for same in groups.values() for i in range(0, len(same), stack)]
+
+
 def plan_stacked_tasks(sweep_dir: Path, todo: list[tuple[str, str]], manifest: dict,
                        stack: int) -> list[Task]:
-    """Runs that can share a step (same shapes, same progress) in tasks of up
-    to `stack` runs; the rest alone. Order follows `todo`."""
+    """The runs to do in tasks of up to `stack` runs sharing one stacked step."""
     configs = {r["name"]: config_mod.from_dict(r["config"]) for r in manifest["runs"]}
-    groups: dict[tuple, list[str]] = {}
-    for name, _ in todo:
-        progress = run_progress(Path(sweep_dir) / name) or 0
-        groups.setdefault((stack_identity(configs[name]), progress), []).append(name)
     tasks = []
-    for names in groups.values():
-        for i in range(0, len(names), stack):
-            chunk = names[i:i + stack]
-            log = Path(sweep_dir) / LOG_DIR / f"{chunk[0]}.log"
-            if len(chunk) == 1:  # nothing to stack it with: an ordinary run
-                resume = runs.is_run_dir(Path(sweep_dir) / chunk[0])
-                tasks.append(Task(runs=chunk, command=train_command(sweep_dir, chunk[0], resume),
-                                  log=log))
-            else:
-                tasks.append(Task(runs=chunk, command=stack_command(sweep_dir, chunk), log=log))
+    for chunk in stack_groups([name for name, _ in todo], configs.__getitem__,
+                              lambda name: run_progress(Path(sweep_dir) / name) or 0, stack):
+        log = Path(sweep_dir) / LOG_DIR / f"{chunk[0]}.log"
+        if len(chunk) == 1:  # nothing to stack it with: an ordinary run
+            resume = runs.is_run_dir(Path(sweep_dir) / chunk[0])
+            tasks.append(Task(runs=chunk, command=train_command(sweep_dir, chunk[0], resume),
+                              log=log))
+        else:
+            tasks.append(Task(runs=chunk, command=stack_command(sweep_dir, chunk), log=log))
     return tasks
 
 
