@@ -34,7 +34,9 @@ def test_flat_step_equals_the_update_and_keeps_the_structure():
     got = carry.unpack()
     assert isinstance(got[0], _Tiny)
     for a, b in zip(jax.tree_util.tree_leaves((got, sums)), jax.tree_util.tree_leaves(ref)):
-        np.testing.assert_allclose(a, b)
+        # Another program (a packed, donated carry; XLA may fuse and contract
+        # the few elementwise ops into FMAs differently): a few ulps in 3 steps.
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_a_carry_with_a_non_array_leaf_is_refused():

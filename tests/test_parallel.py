@@ -26,8 +26,10 @@ def _args(data_dir: Path, out: Path) -> list[str]:
 
 
 def _env(devices: int) -> dict[str, str]:
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "EICL_NO_COMPILE_CACHE": "1"}
+    import os
+    # Keep inherited flags (e.g. --xla_cpu_max_isa, to emulate another CPU).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {"XLA_FLAGS": flags.strip(), "EICL_NO_COMPILE_CACHE": "1"}
 
 
 def _losses(run: Path) -> list[float]:
@@ -86,9 +88,11 @@ def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
     a = tensors(runs.checkpoint_path(a_dir, 6))
     b = tensors(runs.checkpoint_path(b_dir, 6))
     assert a.keys() == b.keys()
-    # Batch norm's running statistics: those of the global batch on both.
+    # Batch norm's running statistics: those of the global batch on both, but
+    # means of activations of parameters that Adam moved apart (below), so
+    # they differ as much as the parameters do (as in test_stack).
     for name in [n for n in a if n.startswith("state.")]:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-3, atol=1e-5, err_msg=name)
     # Parameters: Adam turns gradients that are zero up to rounding (e.g. the
     # attention keys' bias) or nearly so into full-size steps of either sign,
     # so compare at the distance such a coordinate can go in 6 steps: the sum
@@ -101,7 +105,10 @@ def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
 def test_two_devices_follow_the_one_device_trajectory(one_device: Path, data_dir: Path,
                                                       tmp_path: Path):
     two = _train(data_dir, tmp_path / "two", 2)
-    np.testing.assert_allclose(two, _losses(one_device), rtol=2e-5, atol=2e-6)
+    # Two devices are another program (per-device sums joined by an
+    # all-reduce, reassociated per CPU by XLA), and Adam turns that rounding
+    # into parameter moves up to the step size: losses agree to 1e-3.
+    np.testing.assert_allclose(two, _losses(one_device), rtol=1e-3, atol=1e-5)
     _assert_same_run(one_device, tmp_path / "two")
 
 
@@ -114,8 +121,9 @@ def test_two_devices_with_three_steps_per_call_follow_the_one_device_run(
                 "--set", "run.log_every=3", data_dir=data_dir, env=_env(2))
     assert proc.returncode == 0, proc.stderr
     one = _losses(one_device)  # logged every step
+    # Another program (scanned, on two devices), amplified by Adam: 1e-3.
     np.testing.assert_allclose(_losses(out), [np.mean(one[:3]), np.mean(one[3:])],
-                               rtol=1e-4, atol=1e-6)
+                               rtol=1e-3, atol=1e-5)
     _assert_same_run(one_device, out)
 
 
@@ -135,7 +143,8 @@ def test_two_processes_follow_the_one_device_trajectory_and_resume(one_device: P
                                                      "environment.jsonl", "metrics.jsonl"]
     env = runs.read_environment(run)
     assert len(env) == 1 and env[0]["processes"] == 2 and env[0]["step"] == 0
-    np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=2e-5, atol=2e-6)
+    # Two processes: the two-device program's rounding, amplified by Adam.
+    np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=1e-3, atol=1e-5)
     _assert_same_run(one_device, run)
     evals = [r for r in runs.read_metrics(run) if r["kind"] == "eval"]
     want = [r for r in runs.read_metrics(one_device) if r["kind"] == "eval"]
@@ -147,7 +156,7 @@ def test_two_processes_follow_the_one_device_trajectory_and_resume(one_device: P
     _processes(data_dir, ["train", "--resume", str(run)])
     assert [e["step"] for e in runs.read_environment(run)] == [0, 3]  # process 0's records only
     assert [r["step"] for r in runs.read_metrics(run, kind="train")] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(_losses(run), _losses(one_device), rtol=1e-3, atol=1e-5)
     again = tensors(runs.checkpoint_path(run, 6))
     for name in finished:
         np.testing.assert_array_equal(again[name], finished[name], err_msg=name)

@@ -66,6 +66,8 @@ def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(form, c
     fast = lambda c, n, im, st: _stem(c, n, im, st, inference=False, dtype=jnp.float32,
                                       form=form)
     (_, (out, state)), grads = grad(fast, eqx.nn.State(enc))
+    # Blocked/whole/fused kernels against the plain stem: other programs,
+    # sums of 49 products and batch means over every pixel, reordered.
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))
     for g, r in zip(leaves(grads), leaves(ref_grads), strict=True):
@@ -403,7 +405,12 @@ def test_stacked_1x1_convolution_weight_gradient_contracts_over_flat_pixels():
     for r in range(runs):
         flat = x[r].reshape(-1, c_in)
         dy = 2 * flat @ convs[r].weight[0, 0]
-        np.testing.assert_allclose(grads.weight[r, 0, 0], flat.T @ dy, rtol=1e-5)
+        want = flat.T @ dy
+        # A batched dot against a plain matmul (another program) summing 288
+        # products: 1e-5 of the largest entry, as cancelling entries have no
+        # relative precision.
+        np.testing.assert_allclose(grads.weight[r, 0, 0], want, rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want).max()))
     jaxpr = jax.make_jaxpr(jax.vmap(jax.grad(loss)))(stacked, x).jaxpr
     assert max(_dot_contractions(jaxpr)) == 2
 
