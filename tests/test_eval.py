@@ -115,6 +115,8 @@ def test_eval_batches_do_not_change_the_numbers(trained: Path):
     three = evaluate.evaluate_modes(*args, batch_size=64, seed=0)["fewshot_holdout"]
     assert one["sequences"] == three["sequences"] == 150
     for k, v in one.items():
+        # Other batch shapes are other programs: the same per-sequence values,
+        # summed in another order in float32 (means of at most 150 terms).
         assert v == pytest.approx(three[k], abs=1e-5), k
 
 
