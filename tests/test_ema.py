@@ -79,9 +79,6 @@ def test_training_evaluates_the_average_and_eicl_eval_restores_it(data_dir: Path
                            resolved.eval.batch_size, resolved.eval.seed)
     logged = {r["mode"]: r for r in runs.read_metrics(run, kind="eval") if r["step"] == 30}
     for mode, m in again.items():
-        # The training loop evaluates the average it holds on the device; this
-        # evaluates the one read back from the checkpoint, in a process whose
-        # compiled evaluation may have fused the averaged parameters otherwise.
         assert logged[mode]["accuracy_query"] == pytest.approx(m["accuracy_query"], abs=1e-6)
         assert logged[mode]["loss_query"] == pytest.approx(m["loss_query"], rel=1e-5)
     out = eicl("eval", str(run), "--mode", "fewshot_holdout", "--sequences", "64",
