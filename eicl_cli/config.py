@@ -308,8 +308,8 @@ class EvalConfig:
     train_sequences: int = _knob(
         1000, "Sequences per mode at each evaluation during training.", ">= 1")
     batch_size: int = _knob(
-        250, "Sequences per evaluation batch; the numbers do not depend on it (250 keeps "
-        "the paper model's stem activations near 1.6 GB).", ">= 1")
+        250, "Sequences per evaluation batch; the numbers do not depend on it, the memory "
+        "an evaluation needs does (docs/performance.md).", ">= 1")
     seed: int = _knob(0, "Seed of the fixed evaluation sets, independent of training.")
 
 

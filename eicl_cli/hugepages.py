@@ -4,13 +4,13 @@ once, at start, with glibc's malloc told to ask for them.
 XLA's CPU runtime allocates each step's temporary buffers afresh (the paper
 config's step: one 510 MB block) and frees them after it. glibc serves a
 block that large with its own mmap and returns it with munmap, so every step
-the kernel faults in and zeroes 130,000 new 4 KiB pages (a third of a second
-of system time per paper step on 2 cores), and the step's passes over those
+the kernel faults in and zeroes 130,000 new 4 KiB pages (system time that
+shows in every step), and the step's passes over those
 buffers miss the TLB on 4 KiB pages. With the tunable glibc.malloc.hugetlb=1
 (glibc 2.35 and later) malloc marks such blocks MADV_HUGEPAGE, so where the
 kernel's transparent huge pages are in `madvise` mode (the common default)
-they come as 2 MiB pages: 255 faults for the block (README, "Speed and scale",
-has the measured steps/s).
+they come as 2 MiB pages: 255 faults for the block (docs/performance.md has
+the measured steps/s).
 
 glibc reads its tunables only when a process starts, hence the re-exec. A
 GLIBC_TUNABLES already in the environment, even an empty one, is the user's

@@ -23,6 +23,8 @@ def _inputs(dtype, seed=6, shape=(3, 5, 5, 8)):
     return x, per_channel, weights
 
 
+# The written-out batch norm against autodiff's: another program, so
+# reordered (values) and gradient-reordered tolerances (tests/TOLERANCES.md).
 def _close(got, want, rtol, atol):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
@@ -95,12 +97,14 @@ def test_batch_norm_trains_on_its_batch_and_evaluates_on_its_running_averages():
     want = jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-5) * scale + offset)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     hidden_mean, hidden_var, count = state.get(bn.stats)
+    # Moments: the layer's E[x^2] - E[x]^2 against a two-pass variance.
     np.testing.assert_allclose(hidden_mean, 0.1 * mean, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(hidden_var, 0.1 * var, rtol=1e-4, atol=1e-7)
     assert int(count) == 1
     # Evaluation: the (debiased) running averages, whatever the batch holds.
     other = x[:1] * 3.0 - 1.0
     out, same_state = bn(other, state, inference=True)
+    # Reordered, and moments: normalised with float32 statistics from another program.
     np.testing.assert_allclose(out, (other - mean) / jnp.sqrt(var + 1e-5) * scale + offset,
                                rtol=1e-4, atol=1e-4)
     assert int(same_state.get(bn.stats)[2]) == 1

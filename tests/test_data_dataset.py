@@ -97,6 +97,8 @@ def test_downsample_commutes_with_augmentation(raw):
     for v in range(8):
         a = downsample(apply_variant(img, v)[None])[0]
         b = apply_variant(downsample(img[None])[0], v)
+        # Reordered: the same float32 resampling computed in another order;
+        # pixels are in [0, 1].
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

@@ -36,6 +36,8 @@ def test_the_average_follows_its_recurrence_and_leaves_the_updates_alone():
         expected = {k: 0.9 * expected[k] + 0.1 * np.asarray(p_ema[k]) for k in params}
     ema = s_ema[1].ema
     for k in params:
+        # Reordered: the average's update on the device against the same
+        # recurrence in NumPy, a few roundings per step.
         np.testing.assert_allclose(ema[k], expected[k], rtol=1e-6)
         assert not np.allclose(ema[k], p_ema[k])  # it lags the parameters
 

@@ -232,6 +232,7 @@ def test_resnet_transformer_is_causal_at_evaluation(tiny_resnet):
     base, _ = run(model, state, examples, labels, None, True)
     ex2, lab2 = _perturb(examples, labels, 3, False)
     out, _ = run(model, state, ex2, lab2, None, True)
+    # Same program, same inputs for the rows before the change: exact.
     np.testing.assert_allclose(np.asarray(out[:, :3]), np.asarray(base[:, :3]), rtol=0, atol=0)
 
 
@@ -255,6 +256,8 @@ def test_training_updates_running_statistics_over_all_images_of_the_batch(tiny_r
     first = model.encoder.initial_norm
     conv = model.encoder.initial_conv(examples.reshape((-1,) + IMAGE)[..., None])
     mean, var = first.running_averages(state1)
+    # Moments (tests/TOLERANCES.md): the model's float32 E[x^2] - E[x]^2
+    # against NumPy-style mean and var of another program's map.
     np.testing.assert_allclose(mean, conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(var, conv.var((0, 1, 2)), rtol=1e-3, atol=1e-6)
     # Hidden values follow the 0.9 decay; a second step moves them again.
@@ -263,6 +266,7 @@ def test_training_updates_running_statistics_over_all_images_of_the_batch(tiny_r
     ex_b, lab_b = tiny_inputs(cfg, batch=3, seq_len=5, seed=9)
     _, state2 = run(model, state1, ex_b, lab_b, None, False)
     conv_b = model.encoder.initial_conv(ex_b.reshape((-1,) + IMAGE)[..., None])
+    # Moments, as above, through one more decay step.
     np.testing.assert_allclose(state2.get(first.stats)[0],
                                0.9 * hidden_mean + 0.1 * conv_b.mean((0, 1, 2)),
                                rtol=1e-4, atol=1e-7)
@@ -302,6 +306,7 @@ def test_bottleneck_last_norm_starts_with_zero_scale(tiny_resnet):
 def test_positional_encodings_use_base_30():
     pe = np.asarray(positional_encodings(17, 8))
     t, i = 5, 1
+    # Math: float32 sin and cos against float64 NumPy.
     assert pe[t, i] == pytest.approx(np.sin(t / 30 ** (2 * i / 8)), rel=1e-5)
     assert pe[t, 4 + i] == pytest.approx(np.cos(t / 30 ** (2 * i / 8)), rel=1e-5)
 
@@ -371,6 +376,8 @@ def test_bfloat16_keeps_float32_params_and_logits_close_to_float32(tiny_resnet):
     l16, st16 = run(m16, s16, examples, labels, None, False)
     assert l16.dtype == jnp.float32
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree_util.tree_leaves(st16))
+    # bfloat16 through the whole ResNet and transformer: logits of order 1
+    # after tens of roundings of 0.4%; the next line checks bfloat16 was used.
     np.testing.assert_allclose(l16, l32, atol=0.1)
     assert not np.array_equal(np.asarray(l16), np.asarray(l32))
 
@@ -413,6 +420,8 @@ def test_query_only_logits_equal_the_query_row_of_all_logits(kind, concat):
     query, _ = forward_batch(model, state, examples, labels, key=None, inference=True,
                              query_only=True)
     assert full.shape == (3, 5, N_CLASSES) and query.shape == (3, 1, N_CLASSES)
+    # Reordered: the query row alone is another program (other matmul shapes)
+    # over the same short sums.
     np.testing.assert_allclose(np.asarray(query[:, 0]), np.asarray(full[:, -1]), rtol=1e-6,
                                atol=1e-6)
 
@@ -454,6 +463,7 @@ def test_both_head_starts_as_the_dense_head():
     examples, labels = tiny_inputs(tiny_cfg("linear"))
     a, _ = forward_batch(dense, state, examples, labels, key=None, inference=True)
     b, _ = forward_batch(both, state, examples, labels, key=None, inference=True)
+    # Reordered: the "both" head adds a zero-scaled term in another fusion.
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -505,6 +515,8 @@ def test_normalize_examples_gives_every_image_token_the_same_scale():
     sizes = np.asarray(h.std(-1))
     assert sizes[1].min() > 5 * sizes[0].max()
     normed = np.asarray(model.example_norm(h))
+    # Math: LayerNorm's float32 mean and variance (its epsilon moves the
+    # variance of the faint embeddings below 1 by up to a percent).
     np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-5)
     np.testing.assert_allclose(normed.var(-1), 1.0, rtol=1e-2)
     plain, _ = build_model(tiny_cfg("linear"), jax.random.PRNGKey(0), IMAGE)
@@ -534,6 +546,8 @@ def test_unrolled_layer_loop_is_the_same_model(unroll):
 
     (l1, g1), (l2, g2) = (eqx.filter_jit(eqx.filter_value_and_grad(loss))(m, s)
                           for m, s in ((m1, s1), (m2, s2)))
+    # Reordered: the unrolled loop is another program (other fusions); the
+    # gradient sums through three layers (rtol 1e-5).
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -583,6 +597,8 @@ def test_gemm_convolutions_are_the_same_model(encoder):
     value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
     grad = eqx.filter_jit(value_and_grad)
     ((l1, st1), g1), ((l2, st2), g2) = grad(m1, s1), grad(m2, s2)
+    # Reordered, and the gradient reordered against its largest entry: GEMM
+    # convolutions against XLA's; batch-norm statistics reordered means.
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from eicl_cli.model.encoders import (Conv2D, ConvEncoder, ResNetEncoder, _conv,
-                                     _conv_gemm, _image_conv, _image_conv_gemm, _stem)
+from eicl_cli.model.encoders import Conv2D, ConvEncoder, ResNetEncoder, _stem
+from eicl_cli.model.kernels import convolution
 
 
 def _reference_stem(conv, norm, images, state, inference=False):
@@ -72,10 +72,12 @@ def test_fast_stem_matches_plain_stem_in_values_gradients_and_statistics(form, c
     leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))
     for g, r in zip(leaves(grads), leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
+    # Batch norm's running averages: reordered means over every pixel.
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # At inference both normalise with the running averages just updated.
     infer = lambda f: jax.vmap(lambda im: f(im, state)[0])(images)  # noqa: E731
+    # Reordered, as the training outputs above.
     np.testing.assert_allclose(
         infer(lambda im, st: _stem(*params, im, st, inference=True, dtype=jnp.float32,
                                    form=form)),
@@ -127,10 +129,12 @@ def test_blocked_convolution_and_pool_with_per_example_weights():
     each = [jax.value_and_grad(loss)(w[i], images[i]) for i in range(2)]
     both = jax.vmap(jax.value_and_grad(loss))(w, images)
     for i in range(2):
+        # Reordered (tests/TOLERANCES.md): vmap's program against one run's.
         np.testing.assert_allclose(both[0][i], each[i][0], rtol=1e-5)
         np.testing.assert_allclose(both[1][i], each[i][1], rtol=1e-5, atol=1e-5)
-    y = _conv(images[0][..., None], w[0], 2)
+    y = convolution.conv(images[0][..., None], w[0], 2)
     _, mean, mean_sq = pool_and_moments(images[0], w[0], sign, 2, True)
+    # Reordered: block-by-block sums against XLA's reduction of the whole map.
     np.testing.assert_allclose(mean, y.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mean_sq, (y ** 2).mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
 
@@ -191,6 +195,8 @@ def test_fused_stem_with_stacked_weights_gives_each_run_its_own_gradient():
     stacked = jax.vmap(loss(stem_fused, interpret=True))(w, images)
     for run in range(2):
         value, grad = loss(stem_blocked)(w[run], images[run])
+        # Reordered, gradient against the largest entry: the fused kernels
+        # (interpreted) against the blocked ones, two programs.
         np.testing.assert_allclose(stacked[0][run], value, rtol=1e-5)
         np.testing.assert_allclose(stacked[1][run], grad, rtol=1e-5,
                                    atol=1e-5 * float(jnp.abs(grad).max()))
@@ -224,6 +230,8 @@ def test_bfloat16_pooled_map_is_the_rounded_float32_pool_with_the_same_gradient(
     np.testing.assert_array_equal(np.asarray(p16), np.asarray(p32.astype(jnp.bfloat16)))
     np.testing.assert_array_equal(m16, m32)
     np.testing.assert_array_equal(s16, s32)
+    # The pooled values and moments above are equal; the gradient's float32
+    # sums see the same terms in another fusion (reordered, a short sum).
     np.testing.assert_allclose(g16, g32, rtol=1e-6, atol=1e-6 * float(jnp.abs(g32).max()))
 
 
@@ -245,6 +253,7 @@ def test_bfloat16_stem_forms_stay_close_to_float32(form):
     (_, (out, _)), grads = grad(form, jnp.bfloat16)
     (_, (ref, _)), ref_grads = grad("blocked", jnp.float32)
     assert out.dtype == jnp.bfloat16
+    # bfloat16 (tests/TOLERANCES.md): a few roundings of 0.4% each, values of order 1.
     np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=0.02, atol=0.03)
     leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))  # noqa: E731
     # The whole form's convolution itself runs in bfloat16, so its weight
@@ -269,6 +278,7 @@ def test_first_conv_of_the_conv_encoder_gets_the_same_weight_gradient():
 
     fast = eqx.filter_grad(loss)(enc.convs[0], images, False)
     plain = eqx.filter_grad(loss)(enc.convs[0], images, True)
+    # Gradient, reordered: one GEMM against XLA's convolution gradient.
     np.testing.assert_allclose(fast.weight, plain.weight, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast.bias, plain.bias, rtol=1e-4, atol=1e-5)
 
@@ -334,7 +344,7 @@ def test_gemm_convolution_equals_xlas_in_values_and_gradients(shape):
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=_conv(x, kernel, stride).shape), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=convolution.conv(x, kernel, stride).shape), jnp.float32)
 
     def loss(conv):
         def f(x, kernel):
@@ -343,16 +353,17 @@ def test_gemm_convolution_equals_xlas_in_values_and_gradients(shape):
         return f
 
     grads = lambda conv, argnums: jax.grad(loss(conv), argnums, has_aux=True)(x, kernel)
-    (ref_dx, ref_dk), ref_y = grads(_conv, (0, 1))
-    (dx, dk), y = grads(_conv_gemm, (0, 1))
+    (ref_dx, ref_dk), ref_y = grads(convolution.conv, (0, 1))
+    (dx, dk), y = grads(convolution.conv_gemm, (0, 1))
     scale = lambda a: float(jnp.abs(a).max())
+    # Reordered, against each array's scale: im2col GEMM against XLA's convolution.
     np.testing.assert_allclose(y, ref_y, atol=1e-5 * scale(ref_y))
     np.testing.assert_allclose(dx, ref_dx, atol=1e-5 * scale(ref_dx))
     np.testing.assert_allclose(dk, ref_dk, atol=1e-5 * scale(ref_dk))
     if c == 1:
         # The images' convolution: no gradient to the images, the same kernel's.
-        dk_img, y_img = grads(_image_conv_gemm, 1)
-        ref_dk_img, _ = grads(_image_conv, 1)
+        dk_img, y_img = grads(convolution.image_conv_gemm, 1)
+        ref_dk_img, _ = grads(convolution.image_conv, 1)
         np.testing.assert_allclose(y_img, ref_y, atol=1e-5 * scale(ref_y))
         np.testing.assert_allclose(dk_img, ref_dk_img, atol=1e-5 * scale(ref_dk))
 
@@ -365,13 +376,14 @@ def test_stacked_gemm_convolution_is_a_batched_matmul_not_a_grouped_convolution(
     x = jnp.asarray(rng.normal(size=(4, 2, 13, 13, 4)), jnp.float32)
     kernels = jnp.asarray(rng.normal(size=(4, 3, 3, 4, 8)), jnp.float32)
     grad = lambda conv: jax.vmap(jax.grad(lambda k, x: (conv(x, k, 2) ** 2).sum()))
-    stacked = grad(_conv_gemm)(kernels, x)
+    stacked = grad(convolution.conv_gemm)(kernels, x)
     for run in range(4):
-        one = jax.grad(lambda k: (_conv(x[run], k, 2) ** 2).sum())(kernels[run])
+        one = jax.grad(lambda k: (convolution.conv(x[run], k, 2) ** 2).sum())(kernels[run])
+        # Reordered, against the gradient's scale: a batched GEMM against one run's convolution.
         np.testing.assert_allclose(stacked[run], one, atol=1e-5 * float(jnp.abs(one).max()))
-    text = jax.jit(grad(_conv_gemm)).lower(kernels, x).as_text()
+    text = jax.jit(grad(convolution.conv_gemm)).lower(kernels, x).as_text()
     assert "convolution" not in text and "dot_general" in text
-    assert "feature_group_count = 4" in jax.jit(grad(_conv)).lower(kernels, x).as_text()
+    assert "feature_group_count = 4" in jax.jit(grad(convolution.conv)).lower(kernels, x).as_text()
 
 
 def _dot_contractions(jaxpr) -> list[int]:
@@ -444,6 +456,8 @@ def test_projection_block_computes_its_two_1x1_convolutions_of_x_as_one_matmul(s
         return eqx.filter_value_and_grad(lambda b: (g(b, x).ravel() * w).sum())(block)
 
     (v1, g1), (v2, g2) = run(apart), run(merged)
+    # Reordered: the two 1x1 convolutions as one matmul against two; the
+    # gradient sums more terms through the block's batch norms (rtol 2e-4).
     np.testing.assert_allclose(v2, v1, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)

@@ -2,8 +2,8 @@
 
 A stacked step (`eicl sweep --stack K`) trains K runs at once, and each run
 draws its own batches: on the training process's one thread that is K runs'
-drawing per step, about 0.2 ms per run and step for batches of 32, which on a
-GPU is longer than a small model's stacked step itself. A training batch is
+drawing per step, which on a GPU can take longer than a small model's
+stacked step itself (docs/performance.md). A training batch is
 a pure function of (run seed, step), so any process can draw any run's
 batches: worker w draws runs w, w + W, ... of every call, all workers at
 once, and the next call's while the device computes the current one. The
@@ -104,8 +104,8 @@ def _exactly(stream: IO[bytes], size: int) -> bytes:
 
 # Each run's answer to a call is its DEVICE_FIELDS stacked into one int32
 # array, (fields, B, L) or (fields, n, B, L), after a header of 5 int64: the
-# number of dimensions and the dimensions (zero-padded). Parsing .npy headers
-# instead cost the training process about 40 us per array.
+# number of dimensions and the dimensions (zero-padded): cheaper for the
+# training process to parse than .npy headers.
 def _send_fields(stream: IO[bytes], fields: dict[str, np.ndarray]) -> None:
     a = np.stack([fields[name] for name in DEVICE_FIELDS]).astype(np.int32, copy=False)
     stream.write(np.array([a.ndim, *a.shape, *[0] * (4 - a.ndim)], np.int64).tobytes())

@@ -19,14 +19,10 @@ from jax import lax
 
 from ..config import CONV_IMPLS, STEM_IMPLS
 from ..errors import EiclError
-from .layers import (BatchNorm, Dense, affine, fan_in_init, same_out, same_pads, split,
-                     truncated_normal, zeros)
-from .kernels import stem_blocked, stem_fused
+from .layers import (BatchNorm, Dense, affine, fan_in_init, same_out, split, truncated_normal,
+                     zeros)
+from .kernels import convolution, stem_blocked, stem_fused
 from .kernels.pooling import signed_max_pool
-from .kernels.stem_blocked import tap_gather
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
 
 class Conv2D(eqx.Module):
     """A 2-D convolution over NHWC input with SAME padding (Haiku's default).
@@ -60,103 +56,17 @@ class Conv2D(eqx.Module):
             # A 1x1 conv is a matmul over channels; strided = subsample first.
             if self.stride > 1:
                 x = x[:, ::self.stride, ::self.stride]
-            y = _pointwise(x, w[0, 0])
+            y = convolution.pointwise(x, w[0, 0])
         elif self.reads_images and n_in == 1:
-            y = (_image_conv_gemm if self.gemm else _image_conv)(x, w, self.stride)
+            image_conv = convolution.image_conv_gemm if self.gemm else convolution.image_conv
+            y = image_conv(x, w, self.stride)
         elif self.gemm:
-            y = _conv_gemm(x, w, self.stride)
+            y = convolution.conv_gemm(x, w, self.stride)
         else:
-            y = _conv(x, w, self.stride)
+            y = convolution.conv(x, w, self.stride)
         if self.bias is not None:
             y = y + self.bias.astype(dtype)
         return y
-
-
-def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
-    """A 1x1 convolution: (..., in) @ (in, out) with the pixels flattened
-    first. Under vmap over stacked runs the weight gradient is a batched dot,
-    and XLA's GPU layouts copied dy to channels-major (a full extra pass each)
-    when it contracted over the separate image, row and column axes."""
-    return (x.reshape(-1, w.shape[0]) @ w).reshape(*x.shape[:-1], w.shape[1])
-
-
-def _conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=_NHWC)
-
-
-def _conv_gemm(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    """_conv as im2col: the kh * kw strided windows of the SAME-padded input,
-    side by side on the channel axis, times the kernel as a (kh * kw * in, out)
-    matrix. Costs kh * kw copies of the input; the ResNet's 3 x 3 convolutions
-    run on 4-16 channels, so those copies are small."""
-    kh, kw, n_in, n_out = w.shape
-    n, h, wd, _ = x.shape
-    oh, ow = same_out(h, stride), same_out(wd, stride)
-    xp = jnp.pad(x, ((0, 0), same_pads(h, kh, stride), same_pads(wd, kw, stride), (0, 0)))
-    windows = [lax.slice(xp, (0, a, b, 0), (n, a + (oh - 1) * stride + 1,
-                                            b + (ow - 1) * stride + 1, n_in),
-                         (1, stride, stride, 1))
-               for a in range(kh) for b in range(kw)]
-    return jnp.concatenate(windows, axis=-1) @ w.reshape(kh * kw * n_in, n_out)
-
-
-def _stem_taps(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
-    """(kh * kw, N * OH * OW): the taps of one-channel NHWC images, one
-    contiguous row per tap (see stem_blocked.tap_gather)."""
-    return tap_gather(x[..., 0], kh, kw, stride, taps_last=False).reshape(kh * kw, -1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _image_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    """SAME convolution of one-channel NHWC data, for the ResNet's stem.
-
-    The forward pass is XLA's convolution. Its weight gradient, which XLA's
-    CPU backend computes slowly for one input channel (it was most of the
-    paper model's step), is one GEMM: taps (k*k, pixels) @ dy (pixels, out).
-    The images are data, never trained, so no gradient flows back to them
-    (the cotangent returned for x is zero)."""
-    return _conv(x, w, stride)
-
-
-def _image_conv_fwd(x, w, stride):
-    return _conv(x, w, stride), (x, w)
-
-
-def _image_conv_bwd(stride, res, dy):
-    x, w = res
-    kh, kw, _, n_out = w.shape
-    taps = _stem_taps(x, kh, kw, stride).astype(dy.dtype)
-    dw = (taps @ dy.reshape(-1, n_out)).reshape(kh, kw, 1, n_out)
-    return jnp.zeros_like(x), dw.astype(w.dtype)
-
-
-_image_conv.defvjp(_image_conv_fwd, _image_conv_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _image_conv_gemm(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    """_image_conv with the forward pass as a GEMM too, over the same taps:
-    y = taps^T (pixels, k*k) @ w (k*k, out). The taps are kept for the
-    backward pass instead of being gathered twice."""
-    return _image_conv_gemm_fwd(x, w, stride)[0]
-
-
-def _image_conv_gemm_fwd(x, w, stride):
-    kh, kw, _, n_out = w.shape
-    n, h, wd, _ = x.shape
-    taps = _stem_taps(x, kh, kw, stride).astype(w.dtype)
-    y = lax.dot_general(taps, w.reshape(kh * kw, n_out), (((0,), (0,)), ((), ())))
-    return y.reshape(n, same_out(h, stride), same_out(wd, stride), n_out), (x, taps, w)
-
-
-def _image_conv_gemm_bwd(stride, res, dy):
-    x, taps, w = res
-    kh, kw, _, n_out = w.shape
-    dw = (taps.astype(dy.dtype) @ dy.reshape(-1, n_out)).reshape(kh, kw, 1, n_out)
-    return jnp.zeros_like(x), dw.astype(w.dtype)
-
-
-_image_conv_gemm.defvjp(_image_conv_gemm_fwd, _image_conv_gemm_bwd)
 
 
 def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.State, *,
@@ -184,10 +94,10 @@ def _stem(conv: "Conv2D", norm: BatchNorm, images: jax.Array, state: eqx.nn.Stat
     is the pool of the rounded map: in bfloat16 the whole form (whose map is
     bfloat16) pools the same values as before, and the float32 forms round
     once at the end. In bfloat16 the fused kernels so move the pooled map
-    and its gradient at half the bytes (1.1 of 14.5 GB per `--stack 8`
-    paper step on an H100 target). The whole form still pools in float32:
-    pooling the bfloat16 map directly cost its stacked program 1.4 GB more,
-    XLA laying the 8 runs' maps out another way."""
+    and its gradient at half the bytes. The whole form still pools in
+    float32: pooling the bfloat16 map directly made XLA lay a stacked
+    program's maps out another way, moving more bytes in all
+    (docs/performance.md)."""
     sign = lax.stop_gradient(jnp.where(norm.scale >= 0, 1.0, -1.0))
     need_stats = not inference
 
@@ -271,7 +181,7 @@ def _shared_input_1x1(a: Conv2D, b: Conv2D, x: jax.Array, dtype) -> tuple[jax.Ar
     """(a(x), b(x)) for two bias-free, unstrided 1x1 convolutions, as one
     matmul against their kernels side by side."""
     w = jnp.concatenate([a.weight[0, 0], b.weight[0, 0]], axis=-1)
-    y = _pointwise(x.astype(dtype), w.astype(dtype))
+    y = convolution.pointwise(x.astype(dtype), w.astype(dtype))
     return y[..., :a.weight.shape[-1]], y[..., a.weight.shape[-1]:]
 
 

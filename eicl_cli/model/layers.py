@@ -23,8 +23,8 @@ from jax import lax
 _TRUNC_STD_CORRECTION = 0.87962566103423978
 
 # Initial parameters are drawn on the host with NumPy, seeded from the JAX key.
-# Eager jax.random calls compile once per distinct shape (~0.2 s each on CPU),
-# which made building the ResNet take seconds; NumPy draws take microseconds.
+# Eager jax.random calls compile once per distinct shape, which made building
+# the ResNet slow; NumPy draws need no compilation.
 # The result is still a pure function of the key.
 
 

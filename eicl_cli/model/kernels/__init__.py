@@ -1,10 +1,11 @@
-"""Hand-written kernels for the ResNet stem, kept apart from the architecture.
+"""Hand-written kernels for the encoders, kept apart from the architecture.
 
 The architecture (model.py, encoders.py, layers.py, transformer.py, rnn.py,
-tokens.py) says what the model computes; the modules here compute one part
-of it, the stem's 7 x 7 convolution, its 3 x 3 stride-2 max pool and batch
-norm's moments of the convolution's map, faster than XLA's own ops do, with
-the same values and gradients. They exist because the stem is bound by
+tokens.py) says what the model computes; the modules here compute parts of
+it, the convolutions and above all the ResNet stem (its 7 x 7 convolution,
+3 x 3 stride-2 max pool and batch norm's moments of the convolution's map),
+faster than XLA's own ops do, with the same values and gradients. The stem's
+kernels exist because the stem is bound by
 memory, not arithmetic: its 64-channel map is the largest array of a step,
 and XLA writes it and reads it back for the moments, the pool and their
 gradients. encoders._stem picks one of these forms (or XLA's, "whole") when
@@ -19,6 +20,10 @@ the step is compiled:
 - stem_blocked: the stem on a CPU, a few images at a time, so the map stays
   in cache; the moments' gradients come from the kernel taps' Gram matrix, so
   no map is needed for them. A custom vmap rule serves `sweep --stack`.
+- convolution: the convolutions encoders.Conv2D runs: XLA's, as im2col
+  GEMMs (a batched GEMM under `sweep --stack` instead of a grouped
+  convolution), and for the images themselves a weight gradient written as
+  one GEMM with no gradient back to the data.
 - stem_fused: the stem on a CUDA GPU as two Pallas (Triton) kernels, forward
   and backward, that never write the map to memory. Off a GPU Pallas
   interprets them (how the tests check them). Its kernel_flops and PRODUCTS
