@@ -114,6 +114,18 @@ def test_absurd_values_are_one_line_not_a_hang(setting: str) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"error: {setting.split('=')[0]} = ")
 
 
+def test_a_damaged_cache_is_one_line_exit_2(data_dir: Path, tmp_path: Path) -> None:
+    data = bytearray(cache_path(data_dir, "synthetic").read_bytes())
+    data[-1] ^= 0x01
+    cache_path(tmp_path, "synthetic").write_bytes(bytes(data))
+    res = invoke(*TINY, "--data-dir", str(tmp_path))
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: cache {cache_path(tmp_path, 'synthetic')} is corrupt: its content does not "
+        "match the checksum recorded when it was built; rebuild it with `eicl prepare-data "
+        "--force`"]
+
+
 def test_materialise_applies_variants_noise_and_random_rare(data_dir: Path) -> None:
     over = TINY[1::2] + ["data.augment_images=true", "classes.n_rare=200", "classes.n_common=24",
                          "classes.n_holdout=32", "classes.preserve_ordering_every_n=8",
