@@ -211,9 +211,12 @@ def test_cli_bad_config_one_line_exit_2(tmp_path: Path, case: tuple[str, str]) -
 
 
 def test_cli_set_nan_is_one_line_exit_2() -> None:
-    out = run_cli("train", "--print-config", "--set", "optimizer.clip_level=nan")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
+    from typer.testing import CliRunner
+
+    from eicl_cli.cli import app
+    out = CliRunner().invoke(app, ["train", "--print-config", "--set", "optimizer.clip_level=nan"])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines() == [
         "error: optimizer.clip_level = nan is not a finite number; allowed: >= 0"]
 
 
