@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -17,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from . import class_weights
 from .errors import EiclError
 
 
@@ -114,7 +116,8 @@ class ClassesConfig:
         ">= 0")
     zipf_exponent: float = _knob(
         0.0, "Zipf exponent of the class frequencies over rare + common classes; 0 is "
-        "uniform.", ">= 0")
+        "uniform.", ">= 0, and no class may take more than 99.9% of a pool's draws "
+        "(about 10 at most with the paper's classes)")
     use_zipf_for_common_rare: bool = _knob(
         False, "Rare-only and common-only draws use the matching slice of the Zipf weights "
         "(renormalised) instead of uniform weights.")
@@ -525,6 +528,13 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
     raise TypeError(f"unsupported config type {typ!r}")  # a bug in this file
 
 
+def coerce_value(key: str, value: Any) -> Any:
+    """`value` as the config key `section.key` holds it (1 -> 1.0 for a float
+    key); ConfigError when it has the wrong type."""
+    section, name = key.split(".", 1)
+    return _coerce(key, value, typing.get_type_hints(_SECTION_TYPES[section])[name])
+
+
 # The top-level keys of a sweep file (sweep.py) besides `base`, which a
 # config has too: a config holding one is a sweep file given as a config.
 SWEEP_KEYS = ("description", "seeds", "set", "grid", "zip")
@@ -604,8 +614,41 @@ def _at_least(where: str, value: float, low: float) -> None:
         raise ConfigError(f"{where} = {value} must be >= {low}")
 
 
+def _finite(cfg: Config) -> None:
+    """Refuse NaN and infinities in every float key: each comparison below
+    is false for NaN, so it would pass them all."""
+    for sname, scls in _SECTION_TYPES.items():
+        section = getattr(cfg, sname)
+        for f in dataclasses.fields(scls):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                allowed = f.metadata.get("allowed")
+                raise ConfigError(f"{sname}.{f.name} = {value} is not a finite number"
+                                  + (f"; allowed: {allowed}" if allowed else ""))
+
+
+def _zipf_usable(c: ClassesConfig) -> None:
+    """Refuse an exponent so steep that a pool's most frequent class takes
+    (nearly) all its draws: no-support sequences would then redraw forever."""
+    steep = class_weights.too_steep(c.n_rare, c.n_common, c.zipf_exponent,
+                                    c.use_zipf_for_common_rare)
+    if steep is None:
+        return
+    pool, share = steep
+    top = class_weights.steepest_exponent(c.n_rare, c.n_common, c.use_zipf_for_common_rare)
+    what = (f"its most frequent class would take {100 * share:.6g}% of the draws"
+            if math.isfinite(share) else "its weights underflow to nothing in float64")
+    raise ConfigError(
+        f"classes.zipf_exponent = {c.zipf_exponent:g} is too steep for the "
+        f"{class_weights.POOL_LABELS[pool]} pool: {what}, and a no-support sequence needs "
+        f"the other classes; at most {100 * class_weights.MAX_SHARE:g}% is allowed, an "
+        f"exponent of at most {top:g} with n_rare = {c.n_rare}, n_common = {c.n_common}"
+        + (", use_zipf_for_common_rare = true" if c.use_zipf_for_common_rare else ""))
+
+
 def validate(cfg: Config) -> None:
     """Refuse configs that cannot run; each message names the value and what is allowed."""
+    _finite(cfg)
     d, c, s, e = cfg.data, cfg.classes, cfg.sequences, cfg.embedding
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.split", d.split, SPLITS)
@@ -623,6 +666,7 @@ def validate(cfg: Config) -> None:
             f"classes.n_rare + n_common + n_holdout = {needed} exceeds the {have} classes "
             f"that data.dataset={d.dataset!r} (split {d.split!r}, exemplars {d.exemplars!r}, "
             f"augment_images={d.augment_images}) provides")
+    _zipf_usable(c)
     g = c.preserve_ordering_every_n
     if g > 1 and have % g:
         raise ConfigError(

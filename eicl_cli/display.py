@@ -446,6 +446,8 @@ def print_prepare_summary(result) -> None:
     if result.skipped:
         info(f"{result.path} is up to date (built from {result.source}); nothing to do. "
              "Use --force to rebuild.")
+    if result.note:
+        warn(result.note if result.skipped else f"rebuilt the cache: {result.note}")
     title = f"{result.kind} cache" + (" (SYNTHETIC glyphs, not Omniglot)" if result.synthetic else "")
     t = Table(title=title, show_header=True, header_style="bold")
     for col in ("alphabets", "classes", "bg / eval classes", "images", "size on disk", "seconds"):

@@ -51,22 +51,56 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def enable_compile_cache(data_dir: Path) -> None:
-    """Keep XLA's compiled programs in <data dir>/jax-cache, so the second run
+# Where compiled programs are kept: a folder, or "off" (or empty) for none.
+COMPILE_CACHE_ENV = "EICL_COMPILE_CACHE"
+
+
+def compile_cache_root() -> Path | None:
+    """$EICL_COMPILE_CACHE, else $XDG_CACHE_HOME/eicl/jax, else
+    ~/.cache/eicl/jax; None when the cache is off (EICL_COMPILE_CACHE=off or
+    empty, or the older EICL_NO_COMPILE_CACHE=1).
+
+    Per user, not in the data folder as before: a lab shares that folder,
+    and the cache holds native code that eicl loads and runs."""
+    if os.environ.get("EICL_NO_COMPILE_CACHE"):
+        return None
+    if COMPILE_CACHE_ENV in os.environ:
+        value = os.environ[COMPILE_CACHE_ENV].strip()
+        return None if value.lower() in ("", "off") else Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec ignores a relative XDG_CACHE_HOME.
+    base = Path(xdg) if os.path.isabs(xdg) else Path("~/.cache").expanduser()
+    return base / "eicl" / "jax"
+
+
+def compile_cache_dir() -> Path | None:
+    """<root>/cpus<N>, N the CPUs this process may run on (None when off):
+    XLA's CPU code is built for the thread pool it compiles with, and JAX's
+    cache key does not include it, so a step compiled with one core runs
+    slower when reused by a process with more (docs/performance.md)."""
+    root = compile_cache_root()
+    return None if root is None else root / f"cpus{usable_cpu_count()}"
+
+
+def enable_compile_cache() -> Path | None:
+    """Keep XLA's compiled programs in compile_cache_dir(), so the second run
     of a config (a sweep's other points, a resume, `eicl eval`) skips most of
-    the compile time. An explicit JAX_COMPILATION_CACHE_DIR wins; setting
-    EICL_NO_COMPILE_CACHE=1 turns it off."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("EICL_NO_COMPILE_CACHE"):
-        return
-    jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir(data_dir)))
-
-
-def compile_cache_dir(data_dir: Path) -> Path:
-    """<data dir>/jax-cache/cpus<N>, N the CPUs this process may run on: XLA's
-    CPU code is built for the thread pool it compiles with, and JAX's cache
-    key does not include it, so a step compiled with one core runs slower
-    when reused by a process with more (docs/performance.md)."""
-    return Path(data_dir) / "jax-cache" / f"cpus{usable_cpu_count()}"
+    the compile time; returns the folder, or None when it is not used. An
+    explicit JAX_COMPILATION_CACHE_DIR wins; a folder that cannot be made
+    (a read-only home) means no cache, not an error."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    folder = compile_cache_dir()
+    if folder is None:
+        return None
+    try:
+        # Private where eicl makes it: only this user writes code it will run.
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
 
 
 def record(step: int) -> dict[str, Any]:

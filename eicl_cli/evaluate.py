@@ -141,7 +141,7 @@ def restore_for_eval(target: Path, dataset_loader=None):
     from .inputs import device_data
 
     def prepare(cfg: Config):
-        environment.enable_compile_cache(config_mod.data_dir(cfg))
+        environment.enable_compile_cache()
         dataset = (dataset_loader or load_dataset)(cfg)
         if cfg.data.cache_sha256 and dataset.cache_sha256 and \
                 dataset.cache_sha256 != cfg.data.cache_sha256:

@@ -3,6 +3,9 @@ synthetic generator) into the one cache file the rest of eicl reads.
 
 Nothing is written until the whole set has been read and checked; the cache
 goes to a temporary name and is renamed, so a failure leaves no cache behind.
+A cache is "up to date" only once its whole content matches the checksum it
+was built with: a damaged or cut-short cache, or one an older eicl built
+without a checksum, is rebuilt, and the summary says why.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import omniglot
-from .data.cache import FORMAT_VERSION, RawSet, cache_path, read_metadata, write_cache
+from .data.cache import (FORMAT_VERSION, REBUILD, RawSet, cache_path, check_cache, checked,
+                         read_metadata, unchecked_note, write_cache)
 from .data.synthetic import synthetic_raw
 from .errors import EiclError
 
@@ -35,9 +39,11 @@ class PrepareResult:
     bytes: int
     seconds: float
     synthetic: bool
+    note: str = ""  # why a cache that was there was rebuilt, or why it cannot be checked
 
 
-def _summary(path: Path, meta: dict[str, str], skipped: bool, seconds: float) -> PrepareResult:
+def _summary(path: Path, meta: dict[str, str], skipped: bool, seconds: float,
+             note: str = "") -> PrepareResult:
     """Everything the summary table shows, from the cache header alone."""
     return PrepareResult(
         path=path, kind=meta["kind"], skipped=skipped, source=meta.get("source", ""),
@@ -45,33 +51,45 @@ def _summary(path: Path, meta: dict[str, str], skipped: bool, seconds: float) ->
         n_background_classes=int(meta["n_background_classes"]),
         n_evaluation_classes=int(meta["n_evaluation_classes"]),
         n_images=int(meta["n_images"]), bytes=path.stat().st_size, seconds=seconds,
-        synthetic=meta.get("synthetic") == "true")
+        synthetic=meta.get("synthetic") == "true", note=note)
 
 
-def _up_to_date(path: Path, fingerprint: str, force: bool) -> dict[str, str] | None:
-    """The cache's metadata when it was built from this very source, else None."""
-    if force or not path.is_file():
-        return None
-    try:
-        meta = read_metadata(path)
-    except EiclError:
-        return None  # unreadable: rebuild it
-    if meta.get("source_sha256") == fingerprint and meta.get("format_version") == FORMAT_VERSION:
-        return meta
-    return None
-
-
-def _current_omniglot(path: Path) -> dict[str, str] | None:
-    """The metadata of a readable Omniglot cache in the current format, else None."""
+def _usable(path: Path, allow_unchecked: bool = False) -> tuple[dict[str, str] | None, str]:
+    """(metadata, "") of a cache whose content matches its checksum; (None,
+    why not) for one that is damaged, cut short or, unless allow_unchecked,
+    carries no checksum; (None, "") when there is none."""
     if not path.is_file():
-        return None
+        return None, ""
     try:
-        meta = read_metadata(path)
-    except EiclError:
-        return None  # unreadable: rebuild it
-    if meta.get("kind") == "omniglot" and meta.get("format_version") == FORMAT_VERSION:
-        return meta
-    return None
+        meta = check_cache(path)
+    except EiclError as e:
+        return None, str(e).removesuffix(f"; {REBUILD}")
+    if not checked(meta) and not allow_unchecked:
+        return None, f"{path} was built by an older eicl, without a checksum"
+    return meta, ""
+
+
+def _up_to_date(path: Path, fingerprint: str, force: bool) -> tuple[dict[str, str] | None, str]:
+    """(metadata, "") when the cache is intact and was built from this very
+    source, else (None, why an existing cache is rebuilt, or "")."""
+    if force:
+        return None, ""
+    meta, problem = _usable(path)
+    if meta is not None and meta.get("source_sha256") == fingerprint \
+            and meta.get("format_version") == FORMAT_VERSION:
+        return meta, ""
+    return None, problem
+
+
+def _current_omniglot(path: Path) -> tuple[dict[str, str] | None, str]:
+    """(metadata, "") of an intact Omniglot cache in the current format, or
+    of one that an older eicl built without a checksum; else (None, why an
+    existing cache is rebuilt, or "")."""
+    meta, problem = _usable(path, allow_unchecked=True)
+    if meta is not None and meta.get("kind") == "omniglot" \
+            and meta.get("format_version") == FORMAT_VERSION:
+        return meta, ""
+    return None, problem
 
 
 def prepare_data(source: str | None, data_dir: Path, *, force: bool = False,
@@ -92,6 +110,7 @@ def prepare_data(source: str | None, data_dir: Path, *, force: bool = False,
     if classes is not None and not 1 <= classes <= 1623:
         raise EiclError(f"--classes {classes} is out of range; allowed: 1..1623")
     path = cache_path(data_dir, kind)
+    problem = ""  # why a cache that is there gets rebuilt
 
     def bar(task: str):
         return (lambda done, total: progress(task, done, total)) if progress else None
@@ -107,33 +126,48 @@ def prepare_data(source: str | None, data_dir: Path, *, force: bool = False,
     elif source is None:
         # No source named: an Omniglot cache already here, from whatever source
         # (local zips, TFDS, a download), is the data; re-running the
-        # quickstart line offline must not try the network.
-        if not force and (meta := _current_omniglot(path)) is not None:
-            return _summary(path, meta, True, time.perf_counter() - t0)
+        # quickstart line offline must not try the network. That holds for a
+        # cache without a checksum too: it is not known to be damaged, and
+        # only its own source can rebuild it.
+        if not force:
+            meta, problem = _current_omniglot(path)
+            if meta is not None:
+                return _summary(path, meta, True, time.perf_counter() - t0,
+                                "" if checked(meta) else unchecked_note(path, meta))
         table = expected or omniglot.OFFICIAL_FILES
         fingerprint = _json_fingerprint({n: sha for n, (_, sha) in table.items()})
         resolved = omniglot.official_urls(urls)
 
         def reader() -> RawSet:
-            parts = omniglot.fetch_official(data_dir, resolved, table, bar)
+            try:
+                parts = omniglot.fetch_official(data_dir, resolved, table, bar)
+            except EiclError as e:
+                if problem:  # say why it went to the network at all
+                    raise EiclError(f"{problem}; fetching the official zips to rebuild it "
+                                    f"failed: {e}") from None
+                raise
             return omniglot.read_local(parts, fingerprint, bar("decode"))
     else:
         parts = omniglot.find_local(Path(source))
         fingerprint = omniglot.local_fingerprint(parts)
         reader = lambda: omniglot.read_local(parts, fingerprint, bar("decode"))
 
-    if fingerprint is not None and (meta := _up_to_date(path, fingerprint, force)) is not None:
-        return _summary(path, meta, True, time.perf_counter() - t0)
+    if fingerprint is not None:
+        meta, problem = _up_to_date(path, fingerprint, force)
+        if meta is not None:
+            return _summary(path, meta, True, time.perf_counter() - t0)
 
     raw = reader()
-    if raw.source_sha256 != fingerprint and (meta := _up_to_date(path, raw.source_sha256, force)):
-        return _summary(path, meta, True, time.perf_counter() - t0)
+    if raw.source_sha256 != fingerprint:
+        meta, problem = _up_to_date(path, raw.source_sha256, force)
+        if meta is not None:
+            return _summary(path, meta, True, time.perf_counter() - t0)
     try:
         write_cache(raw, path)
     except OSError as e:
         raise EiclError(f"cannot write the cache {path}: {e.strerror or e}") from None
     meta = read_metadata(path)
-    return _summary(path, meta, False, time.perf_counter() - t0)
+    return _summary(path, meta, False, time.perf_counter() - t0, problem)
 
 
 def _json_fingerprint(shas: dict[str, str]) -> str:

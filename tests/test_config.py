@@ -90,6 +90,15 @@ BAD = {
     "train_kind": ("[sequences]\ntrain_kind = \"bursti\"\n", "sequences.train_kind = 'bursti' is not allowed"),
     "too_many_classes": ("[classes]\nn_rare = 1700\n", "exceeds the 1623 classes"),
     "eval_mode": ("[eval]\nmodes = [\"fewshot_holdouts\"]\n", "eval.modes entry = 'fewshot_holdouts' is not allowed"),
+    "nan_zipf": ("[classes]\nzipf_exponent = nan\n",
+                 "classes.zipf_exponent = nan is not a finite number; allowed: >= 0"),
+    "inf_max_lr": ("[optimizer]\nmax_lr = inf\n",
+                   "optimizer.max_lr = inf is not a finite number; allowed: > 0"),
+    "steep_zipf": ("[classes]\nzipf_exponent = 1100\n",
+                   "classes.zipf_exponent = 1100 is too steep for the zipfian (rare + common) "
+                   "pool: its most frequent class would take 100% of the draws, and a no-support "
+                   "sequence needs the other classes; at most 99.9% is allowed, an exponent of "
+                   "at most 9.98 with n_rare = 1603, n_common = 10"),
     "invert_symbolic": ("[data]\ndataset = \"symbolic\"\nsymbolic_classes = 1623\n[embedding]\nexample_encoder = \"embedding\"\n"
                         "[preproc]\ninvert = true\n", "preproc.invert = true needs images"),
 }
@@ -104,6 +113,51 @@ def test_bad_config_refused(tmp_path: Path, name: str) -> None:
         C.load(path)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+FLOAT_KEYS = [key for key, typ, _ in C.field_docs() if typ == "float"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_non_finite_values(key: str, value: str) -> None:
+    # Every range check compares, and every comparison with NaN is false: NaN
+    # passed them all (max_lr, noise_scale, clip_level, zipf_exponent).
+    with pytest.raises(C.ConfigError) as info:
+        C.from_dict(C.apply_overrides({}, [f"{key}={value}"]))
+    message = str(info.value)
+    assert message.startswith(f"{key} = {value.lstrip('-') if 'nan' in value else value} "
+                              "is not a finite number; allowed: ")
+    assert "\n" not in message
+
+
+def test_the_float_keys_are_all_checked() -> None:
+    assert len(FLOAT_KEYS) >= 14 and "classes.zipf_exponent" in FLOAT_KEYS
+
+
+@pytest.mark.parametrize("zipf_for_common_rare", [False, True])
+@pytest.mark.parametrize("classes", [(1603, 10), (40, 10), (1, 1), (600, 1000), (12700, 100)])
+def test_zipf_exponent_bound_is_the_one_in_the_message(classes: tuple[int, int],
+                                                      zipf_for_common_rare: bool) -> None:
+    import re
+
+    from eicl_cli import class_weights
+    n_rare, n_common = classes
+    top = class_weights.steepest_exponent(n_rare, n_common, zipf_for_common_rare)
+    assert top > 9  # far above the paper's 0..3
+
+    def check(exponent: float) -> None:
+        C.validate(C.Config(
+            data=C.DataConfig(augment_images=True),  # 12,984 classes: room for every split
+            classes=C.ClassesConfig(n_rare=n_rare, n_common=n_common, n_holdout=0,
+                                    use_zipf_for_common_rare=zipf_for_common_rare,
+                                    zipf_exponent=exponent)))
+
+    check(top)
+    for steeper in (top + 0.02, 1e6):
+        with pytest.raises(C.ConfigError, match=re.escape(f"zipf_exponent = {steeper:g} is too steep")
+                           + ".*" + re.escape(f"at most {top:g} with n_rare = {n_rare}")):
+            check(steeper)
 
 
 def test_missing_base_and_syntax_error(tmp_path: Path) -> None:
@@ -154,6 +208,16 @@ def test_cli_bad_config_one_line_exit_2(tmp_path: Path, case: tuple[str, str]) -
     assert needle in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr
+
+
+def test_cli_set_nan_is_one_line_exit_2() -> None:
+    from typer.testing import CliRunner
+
+    from eicl_cli.cli import app
+    out = CliRunner().invoke(app, ["train", "--print-config", "--set", "optimizer.clip_level=nan"])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines() == [
+        "error: optimizer.clip_level = nan is not a finite number; allowed: >= 0"]
 
 
 def test_cli_syntax_error_names_line(tmp_path: Path) -> None:

@@ -151,3 +151,82 @@ def test_load_dataset_refuses_more_classes_than_the_cache_has(raw, tmp_path):
                             "classes": {"n_rare": 20, "n_common": 2, "n_holdout": 2}})
     with pytest.raises(EiclError, match=r"= 24 exceeds the 12 classes"):
         load_dataset(cfg, tmp_path)
+
+
+# ---------------------------------------------------------------- cache integrity
+
+def _synthetic_cfg():
+    return config.from_dict({"data": {"dataset": "synthetic"},
+                             "classes": {"n_rare": 8, "n_common": 2, "n_holdout": 2}})
+
+
+def _payload_start(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def _flip(offset):
+    def damage(data: bytes) -> bytes:
+        at = offset(data)
+        return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1:]
+    return damage
+
+
+def _edit_header(old: bytes, new: bytes):
+    def damage(data: bytes) -> bytes:
+        start = _payload_start(data)
+        assert data[:start].count(old) == 1 and len(old) == len(new)
+        return data[:start].replace(old, new) + data[start:]
+    return damage
+
+
+# One fault each; every one read back silently before the checksum.
+DAMAGE = {
+    "a flipped bit in one image": _flip(lambda d: _payload_start(d) + 1000),
+    "a flipped bit in the last byte": _flip(lambda d: len(d) - 1),
+    "a flipped bit in the class ids": _flip(lambda d: len(d) - 240 * 8 + 3),
+    "an edited alphabet name": _edit_header(b"Synthetic_ev_02\\\"", b"Synthetic_ev_07\\\""),
+    "an edited image count": _edit_header(b'"n_images":"240"', b'"n_images":"241"'),
+    "cut short by one byte": lambda d: d[:-1],
+    "cut to half": lambda d: d[:len(d) // 2],
+    "cut inside the header": lambda d: d[:1000],
+    "bytes appended": lambda d: d + b"\0" * 8,
+}
+
+
+@pytest.mark.parametrize("fault", sorted(DAMAGE))
+def test_a_damaged_cache_is_refused_in_one_line(raw, tmp_path, fault):
+    path = cache_path(tmp_path, "synthetic")
+    write_cache(raw, path)
+    load_dataset(_synthetic_cfg(), tmp_path)  # intact: read without a word
+    path.write_bytes(DAMAGE[fault](path.read_bytes()))
+    with pytest.raises(EiclError) as err:
+        load_dataset(_synthetic_cfg(), tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"cache {path} is corrupt: ") and "\n" not in message
+    assert message.endswith("rebuild it with `eicl prepare-data --force`")
+
+
+def without_checksum(path):
+    """Rewrite a cache as an eicl without checksums wrote it."""
+    from safetensors.numpy import load, save
+    from eicl_cli.data.cache import CONTENT_KEY, read_metadata
+    meta = read_metadata(path)
+    del meta[CONTENT_KEY]
+    path.write_bytes(save(load(path.read_bytes()), metadata=meta))
+
+
+def test_a_cache_without_a_checksum_is_read_with_a_warning(raw, tmp_path, capsys):
+    path = cache_path(tmp_path, "synthetic")
+    write_cache(raw, path)
+    checked_images = load_dataset(_synthetic_cfg(), tmp_path).images
+    assert capsys.readouterr().err == ""
+    without_checksum(path)
+    ds = load_dataset(_synthetic_cfg(), tmp_path)
+    np.testing.assert_array_equal(ds.images, checked_images)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path} holds no checksum (an older eicl built it)")
+    assert "`eicl prepare-data --force`" in err
+    # Its size is still checked against its header.
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(EiclError, match="is corrupt: .* bytes where its header describes"):
+        load_dataset(_synthetic_cfg(), tmp_path)

@@ -14,6 +14,9 @@ from eicl_cli.data.cache import read_cache
 from eicl_cli.errors import EiclError
 from eicl_cli.prepare import prepare_data
 from omniglot_fixture import png_bytes, write_fake_omniglot
+from test_data_dataset import without_checksum
+
+URLS = ("images_background.zip", "images_evaluation.zip")
 
 runner = CliRunner()
 
@@ -206,6 +209,60 @@ def test_failed_rebuild_keeps_the_old_cache(fake, tmp_path):
         prepare_data(str(folder), tmp_path / "out", force=True)
     assert good.path.read_bytes() == before
     assert leftovers(tmp_path / "out") == ["omniglot.safetensors"]
+
+
+def _flip_one_image_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 100] ^= 0x01  # 8 pixels of image 0
+    path.write_bytes(bytes(data))
+
+
+CACHE_FAULTS = {
+    "a flipped bit": (_flip_one_image_byte, "its content does not match the checksum"),
+    "cut short": (lambda p: p.write_bytes(p.read_bytes()[:20_000]),
+                  "bytes where its header describes"),
+    "no checksum": (lambda p: without_checksum(p), "built by an older eicl, without a checksum"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CACHE_FAULTS))
+def test_a_damaged_or_unchecked_cache_is_rebuilt_not_up_to_date(fake, tmp_path, fault):
+    damage, why = CACHE_FAULTS[fault]
+    good = prepare_data(str(fake.folder), tmp_path)
+    intact = read_cache(good.path)[0]
+    damage(good.path)
+    again = prepare_data(str(fake.folder), tmp_path)
+    assert not again.skipped and why in again.note
+    np.testing.assert_array_equal(read_cache(again.path)[0].images, intact.images)
+    assert prepare_data(str(fake.folder), tmp_path).skipped  # and now intact
+    assert leftovers(tmp_path) == ["omniglot.safetensors"]
+
+
+def test_without_a_source_a_damaged_cache_is_rebuilt_and_an_unchecked_one_kept(fake, tmp_path):
+    # No --source: the cache is taken from wherever it came; a damaged one
+    # goes to the official download (here a stand-in that fails at once).
+    good = prepare_data(str(fake.folder), tmp_path)
+    without_checksum(good.path)
+    kept = prepare_data(None, tmp_path, urls={n: "http://127.0.0.1:9/x" for n in URLS},
+                        expected={n: (1, "0" * 64) for n in URLS})
+    assert kept.skipped and "holds no checksum (an older eicl built it)" in kept.note
+    prepare_data(str(fake.folder), tmp_path, force=True)
+    _flip_one_image_byte(good.path)
+    with pytest.raises(EiclError, match="is corrupt: its content does not match the checksum .*; "
+                                        "fetching the official zips to rebuild it failed: "
+                                        "download of images_background.zip"):
+        prepare_data(None, tmp_path, urls={n: "http://127.0.0.1:9/x" for n in URLS},
+                     expected={n: (1, "0" * 64) for n in URLS})
+
+
+def test_cli_says_why_it_rebuilt_a_cache(tmp_path):
+    args = ["prepare-data", "--source", "synthetic", "--classes", "3", "--data-dir", str(tmp_path)]
+    assert runner.invoke(app, args).exit_code == 0
+    _flip_one_image_byte(tmp_path / "synthetic.safetensors")
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "up to date" not in out.output
+    assert "warning: rebuilt the cache: cache " in out.output and "is corrupt" in out.output
 
 
 def test_classes_only_for_synthetic(fake, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,43 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path: Path):
     assert path.exists()
 
 
+_HOLDER = r"""
+import sys, time
+from pathlib import Path
+from eicl_cli.locks import FolderLock
+with FolderLock(Path(sys.argv[1]), "thing"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_live_holder_is_named_and_its_lock_is_free_once_it_is_killed(tmp_path: Path):
+    path = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(EiclError, match=rf"^thing is in use by pid {holder.pid}; wait"):
+            FolderLock(path, "thing").__enter__()
+        assert path.read_text().split() == [socket.gethostname(), str(holder.pid)]
+    finally:
+        holder.kill()  # SIGKILL: it cannot clean up, the kernel drops its lock
+        holder.wait()
+    assert path.exists()
+    with FolderLock(path, "thing"):
+        assert path.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert not path.exists()
+
+
+def test_one_process_cannot_take_its_own_lock_twice(tmp_path: Path):
+    path = tmp_path / ".lock"
+    with FolderLock(path, "thing"):
+        with pytest.raises(EiclError, match=rf"in use by pid {os.getpid()}; wait"):
+            FolderLock(path, "thing").__enter__()
+        assert path.exists()  # the refused one leaves it alone
+    assert not path.exists()
+
+
 @pytest.mark.slow  # a short run, then a fresh process
 def test_a_second_trainer_on_one_run_is_refused(data_dir: Path, tmp_path: Path):
     run = tmp_path / "run"
@@ -67,3 +106,56 @@ def test_a_second_trainer_on_one_run_is_refused(data_dir: Path, tmp_path: Path):
     assert res.returncode == 0, res.stderr
     assert runs.list_checkpoints(run)[-1][0] == 6
     assert not (run / runs.TRAIN_LOCK).exists()
+
+
+# Once all three have started, for half a second, each contender tries the
+# lock over and over; inside, it creates a marker file with O_EXCL (which
+# fails if another holder is inside) and removes it on the way out. It
+# prints its entries, overlaps and refusals.
+_CONTENDER = r"""
+import os, random, sys, time
+from pathlib import Path
+from eicl_cli.errors import EiclError
+from eicl_cli.locks import FolderLock
+lock, marker, me = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+ready = lock.parent / "ready"
+ready.mkdir(exist_ok=True)
+(ready / me).touch()
+while len(os.listdir(ready)) < 3:
+    time.sleep(0.001)
+entered = overlaps = refused = 0
+end = time.monotonic() + 0.5
+while time.monotonic() < end:
+    try:
+        with FolderLock(lock, "thing"):
+            entered += 1
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                overlaps += 1
+                continue
+            os.close(fd)
+            os.sched_yield()
+            os.unlink(marker)
+    except EiclError:
+        refused += 1
+    time.sleep(random.random() * 1e-4)  # let the others in
+print(entered, overlaps, refused)
+"""
+
+
+def test_contending_processes_never_hold_the_lock_together(tmp_path: Path):
+    # The pid-file protocol let a rival read a lock created but not yet
+    # written, take it for a dead owner's and delete it, and a finishing
+    # holder delete a lock that was already another's: two holders at once.
+    lock, marker = tmp_path / ".train.lock", tmp_path / "inside"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(lock), str(marker), str(i)],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+             for i in range(3)]
+    counts = [tuple(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    entered, overlaps, refused = (sum(c[i] for c in counts) for i in range(3))
+    assert overlaps == 0, counts
+    assert entered > 0 and refused > 0, counts  # they did contend
+    assert not lock.exists() and not marker.exists()

@@ -29,7 +29,7 @@ def _env(devices: int) -> dict[str, str]:
     import os
     # Keep inherited flags (e.g. --xla_cpu_max_isa, to emulate another CPU).
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return {"XLA_FLAGS": flags.strip(), "EICL_NO_COMPILE_CACHE": "1"}
+    return {"XLA_FLAGS": flags.strip(), "EICL_COMPILE_CACHE": "off"}
 
 
 def _losses(run: Path) -> list[float]:

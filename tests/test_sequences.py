@@ -3,15 +3,19 @@ checked exactly where they are deterministic and by statistics where random."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import stats
 
 from eicl_cli import config as config_mod
+from eicl_cli.class_weights import zipf_weights
 from eicl_cli.data.dataset import Dataset
 from eicl_cli.data.sequences import KINDS, Batch, SequenceGenerator
-from eicl_cli.data.split import make_split, permute_classes, zipf_weights
+from eicl_cli.data.split import make_split, permute_classes
 from eicl_cli.errors import EiclError
+from train_support import deadline
 
 PAPER_COMMON = [580, 243, 1316, 493, 171, 1006, 524, 864, 387, 170]
 PAPER_HOLDOUT = [198, 184, 1152, 480, 336, 583, 614, 575, 168, 585]
@@ -161,6 +165,38 @@ def test_no_support_never_shows_the_query_class(pool: str, exponent: float) -> N
     assert not (b.class_index[:, :-1] == b.class_index[:, -1:]).any()
     members = {"common": g.split.common, "rare": g.split.rare, "zipfian": g.split.non_holdout}[pool]
     assert np.isin(b.class_index, members).all()
+
+
+@pytest.mark.parametrize("zipf_for_common_rare", [False, True])
+def test_no_support_ends_at_the_steepest_exponent_validation_allows(
+        zipf_for_common_rare: bool) -> None:
+    # Steeper weights than this are refused by config validation: the
+    # context's redraw loop would not end (zipf_exponent = 1100 hung
+    # `eicl sample` and the evaluation after training).
+    from eicl_cli.class_weights import steepest_exponent
+    top = steepest_exponent(40, 10, zipf_for_common_rare)
+    g = gen(classes={"zipf_exponent": top, "use_zipf_for_common_rare": zipf_for_common_rare},
+            sequences={"p_bursty": 0.0, "non_bursty_type": "common_no_support"})
+    with deadline(10):
+        for pool in ("common", "rare", "zipfian"):
+            b = g.batch(f"no_support_{pool}", 2000, rng(4))
+            assert not (b.class_index[:, :-1] == b.class_index[:, -1:]).any()
+        g.batch("bursty", 2000, rng(5))
+    with pytest.raises(config_mod.ConfigError, match="is too steep"):
+        gen(classes={"zipf_exponent": top + 0.02,
+                     "use_zipf_for_common_rare": zipf_for_common_rare})
+
+
+@pytest.mark.parametrize("exponent", [60.0, 1100.0, float("inf")])
+def test_no_support_from_a_pool_no_draw_can_fill_is_an_error_not_a_hang(exponent: float) -> None:
+    # A config that skipped validation: the generator itself refuses.
+    cfg = make_cfg(classes={"n_rare": 40, "n_common": 10, "n_holdout": 10})
+    cfg = cfg.replace(classes=dataclasses.replace(cfg.classes, zipf_exponent=exponent))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        g = SequenceGenerator(fake_dataset(60), cfg)
+    with deadline(10), pytest.raises(EiclError, match="cannot draw a context class other than "
+                                                      "the query from the zipfian pool"):
+        g.batch("no_support_zipfian", 100, rng(0))
 
 
 def test_no_support_context_follows_renormalised_weights() -> None:

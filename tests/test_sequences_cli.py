@@ -18,6 +18,7 @@ from eicl_cli.data.dataset import load_dataset
 from eicl_cli.data.sequences import SequenceGenerator
 from eicl_cli.data.synthetic import synthetic_raw
 from eicl_cli.sample_png import CAPTION, MIN_CELL, PAD, materialise
+from train_support import deadline
 
 runner = CliRunner()
 SYMBOLIC = ["--set", "data.dataset=symbolic", "--set", "embedding.example_encoder=embedding",
@@ -100,6 +101,29 @@ def test_user_errors_are_one_line(data_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "bursty" in res.output
     res = invoke(*SYMBOLIC, "--mode", "fewshot_rare", "--step", "3")
     assert res.exit_code == 2 and "--step" in res.output
+
+
+@pytest.mark.parametrize("setting", ["classes.zipf_exponent=1100", "classes.zipf_exponent=inf",
+                                     "classes.zipf_exponent=nan", "sequences.noise_scale=nan"])
+def test_absurd_values_are_one_line_not_a_hang(setting: str) -> None:
+    # zipf_exponent = 1100 or inf made no-support sequences redraw forever.
+    with deadline(20):
+        res = invoke(*SYMBOLIC, "--mode", "no_support_zipfian", "--set", setting)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {setting.split('=')[0]} = ")
+
+
+def test_a_damaged_cache_is_one_line_exit_2(data_dir: Path, tmp_path: Path) -> None:
+    data = bytearray(cache_path(data_dir, "synthetic").read_bytes())
+    data[-1] ^= 0x01
+    cache_path(tmp_path, "synthetic").write_bytes(bytes(data))
+    res = invoke(*TINY, "--data-dir", str(tmp_path))
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: cache {cache_path(tmp_path, 'synthetic')} is corrupt: its content does not "
+        "match the checksum recorded when it was built; rebuild it with `eicl prepare-data "
+        "--force`"]
 
 
 def test_materialise_applies_variants_noise_and_random_rare(data_dir: Path) -> None:

@@ -115,6 +115,19 @@ def test_command_line_set_applies_to_every_point(tmp_path: Path) -> None:
     ('[grid]\n"run.seed" = [1, 2]\n', "top-level `seeds"),
     ('[grid]\n"sequences.p_bursty" = [0.5, 1.5]\n',
      "point p_bursty=1.5__seed=0: sequences.p_bursty = 1.5 must be a probability"),
+    # The same validation as a config's: non-finite and absurd values.
+    ('[grid]\n"optimizer.max_lr" = [3e-4, nan]\n',
+     "point max_lr=nan__seed=0: optimizer.max_lr = nan is not a finite number; allowed: > 0"),
+    ('[zip]\n"classes.zipf_exponent" = [1.0, 1100.0]\n"run.steps" = [1, 2]\n',
+     "point zipf_exponent=1100.0__steps=2__seed=0: classes.zipf_exponent = 1100 is too steep"),
+    # One point twice, once read as the config reads it.
+    ('[grid]\n"classes.zipf_exponent" = [1.0, 1]\n',
+     "[grid]: 'classes.zipf_exponent' lists 1.0 and 1, the same value; give each value once"),
+    ('[grid]\n"sequences.p_bursty" = [0.5, 0.9, 0.5]\n',
+     "[grid]: 'sequences.p_bursty' lists 0.5 twice; give each value once"),
+    ('[zip]\nlabel = ["a", "b"]\n"classes.zipf_exponent" = [0, 0.0]\n"run.steps" = [5, 5]\n',
+     "[zip]: entries 1 and 2 are the same point (classes.zipf_exponent = 0.0, run.steps = 5); "
+     "give each once"),
 ])
 def test_bad_sweep_files_give_one_line_errors(tmp_path: Path, body: str, message: str) -> None:
     path = write_sweep(tmp_path, body)

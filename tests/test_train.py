@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eicl_cli import checkpoint, config, environment, runs
+from eicl_cli import checkpoint, config, runs
 from eicl_cli import training
 from eicl_cli.errors import EiclError
 from train_support import tensors, tiny, train_run
@@ -183,16 +183,3 @@ def test_symbolic_config_trains_and_evaluates(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["mode"] for r in records if r["kind"] == "eval"} == {
         "no_support_zipfian", "fewshot_zipfian", "fewshot_holdout"}
-
-
-def test_compile_cache_has_one_folder_per_cpu_count(monkeypatch, tmp_path: Path):
-    """XLA's CPU code depends on the thread pool it was compiled for: a step
-    compiled under `taskset -c 0` must not be reused by a run on two cores."""
-    import os
-    cfg = config.from_dict({"data": {"data_dir": str(tmp_path)}})
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    one = environment.compile_cache_dir(config.data_dir(cfg))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    two = environment.compile_cache_dir(config.data_dir(cfg))
-    assert one.parent == two.parent == tmp_path / "jax-cache"
-    assert (one.name, two.name) == ("cpus1", "cpus2")

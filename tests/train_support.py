@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +103,17 @@ def eicl(*args: str, data_dir: Path, env: dict | None = None, timeout: float = 3
 def tensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
     return load(Path(path).read_bytes())
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail, instead of hanging, a call that does not return in time."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

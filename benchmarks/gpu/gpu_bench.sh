@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
 export EICL_DATA_DIR="${EICL_DATA_DIR:-$PWD/runs/data-cache}"
-export EICL_NO_COMPILE_CACHE=1  # report real compile times
+export EICL_COMPILE_CACHE=off  # report real compile times
 SET=()
 if [ ! -f "$EICL_DATA_DIR/omniglot.safetensors" ]; then
   echo "no Omniglot cache in $EICL_DATA_DIR: drawing a synthetic one" >&2

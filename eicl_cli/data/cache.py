@@ -10,9 +10,16 @@ Layout (format version 1):
   metadata format_version, kind, synthetic, height, width, source, source_sha256,
            alphabet_names (JSON list), character_names (JSON list by class id),
            created (UTC ISO time), n_images, n_classes, n_alphabets,
-           n_background_classes, n_evaluation_classes
+           n_background_classes, n_evaluation_classes, content_sha256
 Rows are sorted by (class id, drawer). The file is written to a temporary
 name in the same folder and renamed, so a reader never sees half a file.
+
+content_sha256 is the SHA-256 of everything else in the file: the header's
+tensor table and metadata (as sorted JSON, this key left out) and the
+tensor bytes. Every read checks it, so a cache damaged after it was built
+(one flipped byte changes 8 pixels of one image) or cut short is refused
+instead of trained on. A cache built before the key existed reads as
+unchecked (`checked()` is false); `eicl prepare-data` rebuilds it.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ..errors import EiclError
+from ..errors import EiclError, first_line
 
 FORMAT_VERSION = "1"
 CACHE_NAMES = {"omniglot": "omniglot.safetensors", "synthetic": "synthetic.safetensors"}
+CONTENT_KEY = "content_sha256"
+REBUILD = "rebuild it with `eicl prepare-data --force`"
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,68 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _header(data: bytes | memoryview) -> tuple[dict, int]:
+    """A safetensors file's parsed header and the offset its tensor bytes start at."""
+    size = int.from_bytes(bytes(data[:8]), "little")
+    if not 0 < size < 1 << 28 or 8 + size > len(data):
+        raise ValueError("bad header size")
+    return json.loads(bytes(data[8:8 + size])), 8 + size
+
+
+def content_digest(data: bytes | memoryview) -> str:
+    """SHA-256 of a cache file's content, CONTENT_KEY itself left out."""
+    header, start = _header(data)
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != CONTENT_KEY}
+    table = {k: v for k, v in header.items() if k != "__metadata__"}
+    h = hashlib.sha256(json.dumps({"metadata": meta, "tensors": table}, sort_keys=True).encode())
+    h.update(b"\0")
+    h.update(memoryview(data)[start:])
+    return h.hexdigest()
+
+
+def verify(data: bytes | memoryview, path: Path) -> dict[str, str]:
+    """A cache file's metadata once its content matches its CONTENT_KEY (or
+    it predates the key); EiclError, one line, when damaged or cut short."""
+    try:
+        header, start = _header(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EiclError(f"cache {path} is corrupt: its header cannot be read ({e}); "
+                        f"{REBUILD}") from None
+    meta = dict(header.get("__metadata__", {}))
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = start + max(ends, default=0)
+    if len(data) != expected:
+        raise EiclError(f"cache {path} is corrupt: {len(data):,} bytes where its header "
+                        f"describes {expected:,} (cut short?); {REBUILD}")
+    recorded = meta.get(CONTENT_KEY)
+    if recorded is not None and content_digest(data) != recorded:
+        raise EiclError(f"cache {path} is corrupt: its content does not match the "
+                        f"checksum recorded when it was built; {REBUILD}")
+    return meta
+
+
+def checked(meta: dict[str, str]) -> bool:
+    """Whether a cache carries a checksum (else an older eicl built it)."""
+    return CONTENT_KEY in meta
+
+
+def unchecked_note(path: Path, meta: dict[str, str]) -> str:
+    """What to say of a cache without a checksum: what it risks, and the fix."""
+    return (f"{path} holds no checksum (an older eicl built it), so damage to it would go "
+            f"unnoticed; rebuild it from its source ({meta.get('source') or 'unknown'}) with "
+            f"`eicl prepare-data --force`")
+
+
+def check_cache(path: Path) -> dict[str, str]:
+    """Read a whole cache file and verify it; returns its metadata."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise EiclError(f"cannot read cache {path}: {e.strerror or e}") from None
+    return verify(data, path)
 
 
 def _umask() -> int:
@@ -134,6 +205,9 @@ def write_cache(raw: RawSet, path: Path) -> str:
         "n_background_classes": str(np.unique(raw.image_class[raw.image_background]).size),
         "n_evaluation_classes": str(np.unique(raw.image_class[~raw.image_background]).size),
     }
+    # The tensor bytes and table do not depend on the metadata: the digest
+    # of a first serialisation is the digest of the final one.
+    meta[CONTENT_KEY] = content_digest(st_save(tensors, metadata=meta))
     data = st_save(tensors, metadata=meta)
     atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
@@ -161,12 +235,12 @@ def read_cache(path: Path) -> tuple[RawSet, str]:
         raise EiclError(f"dataset cache not found: {path}") from None
     digest = hashlib.sha256(data).hexdigest()
     try:
+        meta = verify(data, path)
         t = st_load(data)
-        meta = read_metadata(path)
     except EiclError:
         raise
     except Exception as e:  # safetensors raises its own error types
-        raise EiclError(f"cache {path} is corrupt ({e}); rebuild it with `eicl prepare-data --force`") from None
+        raise EiclError(f"cache {path} is corrupt ({first_line(e)}); {REBUILD}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise EiclError(f"cache {path} has format version {meta.get('format_version')!r}, "
                         f"this eicl reads {FORMAT_VERSION!r}; rebuild it with `eicl prepare-data --force`")

@@ -21,7 +21,7 @@ import numpy as np
 from .. import config as config_mod
 from ..errors import EiclError
 from .augment import N_VARIANTS
-from .cache import RawSet, cache_path, read_cache
+from .cache import RawSet, cache_path, checked, read_cache, unchecked_note
 
 DOWNSAMPLED_SIZE = 28
 
@@ -211,6 +211,9 @@ def load_dataset(cfg: config_mod.Config, data_dir: Path | None = None) -> Datase
                         f"`{prepare_command(d.dataset, root)}`, or point eicl at the folder "
                         f"that holds it with EICL_DATA_DIR or data.data_dir")
     raw, digest = read_cache(path)
+    if not checked(raw.meta):
+        from .. import display
+        display.warn(unchecked_note(path, raw.meta))
     if raw.kind != d.dataset:
         raise EiclError(f"cache {path} holds {raw.kind!r} data, not {d.dataset!r}; "
                         f"rebuild it with `{prepare_command(d.dataset, root)} --force`")

@@ -57,6 +57,11 @@ def _all_unique_error(length: int, pool: str, size: int) -> EiclError:
                      f"of a sequence but the {pool} pool has only {size}; set it to false or "
                      f"give the pool more classes")
 
+# The least share of a pool's draws that the classes other than a
+# no-support query may hold: below it, redrawing the context would take a
+# million tries or more, or never end.
+_REDRAW_FLOOR = 1e-6
+
 # Independent random streams: the second entry of every seed sequence.
 STREAM_TRAIN, STREAM_EVAL, STREAM_SAMPLE = 0, 1, 2
 # Evaluation sets are drawn in chunks of this many sequences, so a set does not
@@ -122,6 +127,19 @@ def _make_pool(name: str, classes: np.ndarray, weights: np.ndarray) -> _Pool:
         cum /= cum[-1]
         cum[-1] = 1.0
     return _Pool(name, classes.astype(np.int32), cum, weights)
+
+
+def _check_redraw_can_end(pool: _Pool, queries: np.ndarray) -> None:
+    """Refuse to redraw a no-support context that a draw can (nearly) never
+    fill, where the classes other than the query hold under _REDRAW_FLOOR
+    of the pool's CDF. Config validation refuses such steep weights; this
+    keeps a pool it did not see from hanging."""
+    below = np.concatenate([[0.0], pool.cum[:-1]])[queries]
+    others = below + (1.0 - pool.cum[queries])
+    if (others < _REDRAW_FLOOR).any():
+        raise EiclError(f"no-support sequences cannot draw a context class other than the "
+                        f"query from the {pool.name} pool: its most frequent class takes "
+                        f"nearly all its draws (classes.zipf_exponent is too steep)")
 
 
 def _shuffle_positions(rng: np.random.Generator, n: int, length: int) -> np.ndarray:
@@ -311,6 +329,8 @@ class SequenceGenerator:
             u += wq * (u >= lo)
             ctx = np.minimum(np.searchsorted(pool.cum, u, side="right"), pool.size - 1)
             bad = ctx == q
+            if bad.any():
+                _check_redraw_can_end(pool, q[bad.any(axis=1), 0])
             while bad.any():  # float round-off at an interval edge: redraw those few
                 redraw = self._draw(pool, (int(bad.sum()),), rng)
                 ctx[bad] = redraw

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..class_weights import pool_weights, uniform
 from ..config import ClassesConfig
 from ..errors import EiclError
 
@@ -48,22 +49,6 @@ def permute_classes(n: int, seed: int, group: int = 0) -> np.ndarray:
     return rng.choice(n, size=n, replace=False).astype(np.int32)
 
 
-def zipf_weights(n: int, exponent: float) -> np.ndarray:
-    """w_j proportional to 1 / (n - j) ** exponent, j = 0..n-1 (the last is the most frequent)."""
-    if n == 0:
-        return np.zeros(0)
-    w = 1.0 / np.arange(n, 0, -1, dtype=np.float64) ** exponent
-    return w / w.sum()
-
-
-def _normalised(w: np.ndarray) -> np.ndarray:
-    return w / w.sum() if w.size else w
-
-
-def _uniform(n: int) -> np.ndarray:
-    return np.full(n, 1.0 / n) if n else np.zeros(0)
-
-
 def make_split(n_classes: int, c: ClassesConfig) -> ClassSplit:
     """Split `n_classes` sorted dataset classes as the config asks."""
     needed = c.n_rare + c.n_common + c.n_holdout
@@ -77,11 +62,7 @@ def make_split(n_classes: int, c: ClassesConfig) -> ClassSplit:
     # From the end, so the holdout set does not move when n_rare / n_common change.
     holdout = order[n_classes - c.n_holdout:]
     non_holdout = np.concatenate([rare, common])
-    zipf = zipf_weights(non_holdout.size, c.zipf_exponent)
-    if c.use_zipf_for_common_rare:
-        rare_w, common_w = _normalised(zipf[:c.n_rare]), _normalised(zipf[c.n_rare:])
-    else:
-        rare_w, common_w = _uniform(c.n_rare), _uniform(c.n_common)
+    w = pool_weights(c.n_rare, c.n_common, c.zipf_exponent, c.use_zipf_for_common_rare)
     return ClassSplit(order=order, rare=rare, common=common, holdout=holdout,
-                      non_holdout=non_holdout, zipf=zipf, rare_weights=rare_w,
-                      common_weights=common_w, holdout_weights=_uniform(c.n_holdout))
+                      non_holdout=non_holdout, zipf=w["zipfian"], rare_weights=w["rare"],
+                      common_weights=w["common"], holdout_weights=uniform(c.n_holdout))

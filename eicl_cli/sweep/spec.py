@@ -155,6 +155,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
                             f"got {zip_label!r}")
         if len(set(zip_label)) != n:
             raise EiclError(f"{path} [zip]: label {zip_label} repeats a name")
+    _refuse_repeats(path, tables["grid"], tables["zip"])
     for a, b in (("set", "grid"), ("set", "zip"), ("grid", "zip")):
         both = sorted(set(tables[a]) & set(tables[b]))
         if both:
@@ -168,6 +169,46 @@ def load_sweep(path: str | Path) -> SweepSpec:
     return SweepSpec(path=path, description=description, base_raw=base_raw, seeds=seeds,
                      set=tables["set"], grid=tables["grid"], zip=tables["zip"],
                      zip_label=zip_label)
+
+
+def _normalised(key: str, value: Any) -> Any:
+    """The value as the config holds it; a value that does not fit the key
+    equals nothing here, so that expand() refuses it for its type, naming
+    the point."""
+    try:
+        return config_mod.coerce_value(key, value)
+    except config_mod.ConfigError:
+        return object()
+
+
+def _first_repeat(items: list) -> tuple[int, int] | None:
+    for j, b in enumerate(items):
+        for i in range(j):
+            if items[i] == b:
+                return i, j
+    return None
+
+
+def _refuse_repeats(path: Path, grid: dict[str, list], zipped: dict[str, list]) -> None:
+    """Refuse a grid value given twice, or a zip tuple given twice, once read
+    as the config reads it (1 and 1.0 are one value of a float key): the same
+    point would be trained twice, under two names."""
+    for key, values in grid.items():
+        found = _first_repeat([_normalised(key, v) for v in values])
+        if found:
+            a, b = (format_value(values[i]) for i in found)
+            same = f"{a} twice" if a == b else f"{a} and {b}, the same value"
+            raise EiclError(f"{path} [grid]: {key!r} lists {same}; give each value once")
+    if not zipped:
+        return
+    n = len(next(iter(zipped.values())))
+    rows = [tuple(_normalised(k, zipped[k][i]) for k in zipped) for i in range(n)]
+    found = _first_repeat(rows)
+    if found:
+        i, j = found
+        shown = ", ".join(f"{k} = {format_value(zipped[k][j])}" for k in zipped)
+        raise EiclError(f"{path} [zip]: entries {i + 1} and {j + 1} are the same point "
+                        f"({shown}); give each once")
 
 
 # ---------------------------------------------------------------- expansion

@@ -85,7 +85,7 @@ def _load_checked(cfgs: list[Config]) -> Any:
     """The dataset, after every check that needs it: before any folder is made."""
     from ..data.dataset import load_dataset
     from ..data.sequences import SequenceGenerator
-    environment.enable_compile_cache(config_mod.data_dir(cfgs[0]))
+    environment.enable_compile_cache()
     dataset = load_dataset(cfgs[0])
     for cfg in cfgs:  # labels or all_unique parts the data cannot give
         SequenceGenerator(dataset, cfg)
