@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,30 @@ def test_a_checkpoint_gone_since_the_listing_sends_the_search_to_the_newer_one(t
 
     got = checkpoint.load_newest(lambda: next(listings), tmp_path, warned.append, load)
     assert got == now[0][1] and warned == []
+
+
+@pytest.mark.slow  # a real trainer beside eval, in its own process
+def test_eval_beside_a_real_trainer_that_keeps_one_checkpoint(data_dir: Path, tmp_path: Path):
+    # As the quickstart keeps them: one checkpoint, replaced every few
+    # hundredths of a second at this size.
+    out = tmp_path / "live"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "eicl_cli", "train", "--config", str(TINY), "--out", str(out),
+         "--set", "run.steps=1000000", "--set", "run.checkpoint_every=10", "--set",
+         "run.keep_checkpoints=1", "--set", "run.eval_every=1000000"],
+        env={**os.environ, "EICL_DATA_DIR": str(data_dir)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not runs.list_checkpoints(out):
+            assert trainer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        steps = [evaluate.restore_for_eval(out)[0].step for _ in range(3)]
+        assert trainer.poll() is None, "the trainer must still be writing"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert all(s >= 10 for s in steps) and steps == sorted(steps)
 
 
 # ---------------------------------------------------------------- checkpoint names
@@ -293,3 +318,17 @@ def test_a_start_killed_before_its_config_was_written_leaves_no_husk(
     cfg = tiny(data_dir)
     assert runs.new_run_dir(cfg, None, out) == out and runs.is_run_dir(out)
     assert runs.read_config(out) == cfg
+
+
+def test_a_resume_may_change_the_run_keys_but_not_what_the_run_computes():
+    from eicl_cli.experiment_keys import continuation_difference
+    base = config_mod.from_dict({})
+    changed = base.replace(
+        run=dataclasses.replace(base.run, steps=10, checkpoint_every=7, name="x"),
+        eval=dataclasses.replace(base.eval, sequences=5),
+        train=dataclasses.replace(base.train, steps_per_call=3),
+        rnn=dataclasses.replace(base.rnn, hidden_size=8))  # unused by a transformer
+    assert continuation_difference(base, changed) == []
+    other = changed.replace(run=dataclasses.replace(changed.run, seed=1),
+                            train=dataclasses.replace(changed.train, batch_size=8))
+    assert continuation_difference(base, other) == ["train.batch_size", "run.seed"]
