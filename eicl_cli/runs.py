@@ -105,18 +105,18 @@ def discard_unstarted(run_dir: Path) -> bool:
     holding only its config (an out-of-memory model, say), so that the same
     --out can start it again; a folder holding anything more is kept.
     Returns whether it was removed."""
-    run_dir = Path(run_dir)
+    run_dir, ckpt_dir = Path(run_dir), checkpoint_dir(run_dir)
     try:
         entries = {p.name for p in run_dir.iterdir()}
-        ckpts = list(checkpoint_dir(run_dir).iterdir()) if checkpoint_dir(run_dir).is_dir() else []
+        ckpts = list(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []
     except OSError:
         return False
     if ckpts or not entries <= {CONFIG_FILE, CHECKPOINT_DIR}:
         return False
     try:
         (run_dir / CONFIG_FILE).unlink(missing_ok=True)
-        if checkpoint_dir(run_dir).is_dir():
-            checkpoint_dir(run_dir).rmdir()
+        if ckpt_dir.is_dir():
+            ckpt_dir.rmdir()
         run_dir.rmdir()
     except OSError:
         return False

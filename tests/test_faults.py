@@ -106,8 +106,8 @@ def test_a_checkpoint_gone_since_the_listing_sends_the_search_to_the_newer_one(t
 
 @pytest.mark.slow  # a real trainer beside eval, in its own process
 def test_eval_beside_a_real_trainer_that_keeps_one_checkpoint(data_dir: Path, tmp_path: Path):
-    # As the quickstart keeps them: one checkpoint, replaced every few
-    # hundredths of a second at this size.
+    # One checkpoint kept, as the quickstart keeps it, and replaced every 10
+    # steps: far more often than eval takes to load its data.
     out = tmp_path / "live"
     trainer = subprocess.Popen(
         [sys.executable, "-m", "eicl_cli", "train", "--config", str(TINY), "--out", str(out),
