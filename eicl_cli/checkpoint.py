@@ -15,6 +15,7 @@ line naming it.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterable
@@ -27,8 +28,11 @@ import numpy as np
 import safetensors.numpy as st
 from safetensors import SafetensorError, safe_open
 
-from .errors import EiclError
-from .runs import atomic_write_bytes
+from . import config as config_mod
+from .config import Config
+from .errors import EiclError, first_line
+from .experiment_keys import continuation_difference, flat
+from .files import atomic_write_bytes, reason
 
 FORMAT = "eicl-checkpoint"
 VERSION = "1"
@@ -40,6 +44,10 @@ class CheckpointError(EiclError):
 
 class CheckpointMismatch(CheckpointError):
     """An intact checkpoint written for a different model or optimizer config."""
+
+
+class CheckpointVanished(CheckpointError):
+    """A checkpoint that is not there (any more): listed, then pruned."""
 
 
 @dataclass
@@ -103,19 +111,7 @@ def save(path: Path, *, step: int, model: Any, state: Any, opt_state: Any,
 
 # ---------------------------------------------------------------- load
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The header metadata only (cheap); CheckpointError if unreadable or foreign."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a checkpoint: give a run folder or one of "
-                                  f"its checkpoints/step_*.safetensors") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({e})") from None
+def _check_metadata(meta: dict[str, str], path: Path) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an eicl checkpoint (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
@@ -124,16 +120,101 @@ def read_metadata(path: Path) -> dict[str, str]:
     return meta
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    meta = read_metadata(path)
+def _unreadable(path: Path, detail: str) -> CheckpointError:
+    if path.suffix != ".safetensors":
+        return CheckpointError(f"{path} is not a checkpoint: give a run folder or one of "
+                               f"its checkpoints/step_*.safetensors")
+    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({detail})")
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header metadata only (cheap); CheckpointError if unreadable or foreign."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointVanished(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; a checkpoint is a .safetensors file")
     try:
-        tensors = st.load(Path(path).read_bytes())
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, first_line(e)) from None
+    return _check_metadata(meta, path)
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint file's bytes, read once: whatever happens to the file
+    afterwards (the trainer beside an `eicl eval` pruning it, say), its
+    metadata and tensors are the ones read."""
+    path: Path
+    data: bytes
+    metadata: dict[str, str]
+
+
+def read_snapshot(path: Path) -> Snapshot:
+    """Read a checkpoint whole and check its header; CheckpointVanished when
+    the file is not there (any more), CheckpointError when it is unusable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointVanished(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder; a checkpoint is a .safetensors file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason(e)}") from None
+    # The safetensors layout: an 8-byte little-endian header length, then the
+    # JSON header, whose "__metadata__" holds the string metadata.
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        if not 0 < n <= len(data) - 8:
+            raise ValueError("the header length does not fit the file")
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a table")
+    except (ValueError, AttributeError) as e:
+        raise _unreadable(path, first_line(e)) from None
+    return Snapshot(path, data, _check_metadata(meta, path))
+
+
+def recorded_config(snapshot: Snapshot) -> Config:
+    """The resolved config the checkpoint was written with."""
+    try:
+        return config_mod.from_toml(snapshot.metadata.get("config", ""))
+    except EiclError as e:
+        raise CheckpointError(f"checkpoint {snapshot.path}: the config recorded in it cannot "
+                              f"be read ({e})") from None
+
+
+def check_config(snapshot: Snapshot, cfg: Config, source: str, advice: str) -> None:
+    """Refuse, in one line naming the keys (and ending in `advice`), a
+    checkpoint written under a config that differs from `cfg` (the run's,
+    as `source` names it) in a key that changes what the run computes; the
+    keys a run may change as it continues (its length and intervals, its
+    evaluation, where it writes, how it is compiled) may differ."""
+    recorded = recorded_config(snapshot)
+    keys = continuation_difference(recorded, cfg)
+    if keys:
+        there, here = flat(recorded), flat(cfg)
+        shown = "; ".join(f"{k} = {there.get(k)!r} there, {here.get(k)!r} here"
+                          for k in keys[:4])
+        more = f" (and {len(keys) - 4} more keys)" if len(keys) > 4 else ""
+        raise CheckpointMismatch(f"checkpoint {snapshot.path} was trained under another config "
+                                 f"than {source}: {shown}{more}; {advice}")
+
+
+def _read_tensors(source: Path | Snapshot) -> tuple[dict[str, np.ndarray], dict[str, str], Path]:
+    snapshot = source if isinstance(source, Snapshot) else read_snapshot(source)
+    path = snapshot.path
+    try:
+        tensors = st.load(snapshot.data)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({e})") from None
-    if _digest(tensors) != meta.get("sha256"):
+    if _digest(tensors) != snapshot.metadata.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match "
                               "the checksum stored in it")
-    return tensors, meta
+    return tensors, snapshot.metadata, path
 
 
 def _is_tensor_slot(x: Any) -> bool:
@@ -162,11 +243,12 @@ def _fill(prefix: str, skeleton: Any, tensors: dict[str, np.ndarray], path: Path
     return eqx.combine(arrays, static)
 
 
-def load(path: Path, *, model: Any, state: Any, opt_state: Any | None = None) -> Loaded:
-    """Fill the given skeletons from a checkpoint. With opt_state=None the
-    optimizer tensors are ignored (evaluation needs only the model)."""
-    path = Path(path)
-    tensors, meta = _read_tensors(path)
+def load(source: Path | Snapshot, *, model: Any, state: Any,
+         opt_state: Any | None = None) -> Loaded:
+    """Fill the given skeletons from a checkpoint file (or its bytes, read
+    before). With opt_state=None the optimizer tensors are ignored
+    (evaluation needs only the model)."""
+    tensors, meta, path = _read_tensors(source)
     model = _fill("params", model, tensors, path)
     state = _fill("state", state, tensors, path)
     if opt_state is not None:
@@ -202,23 +284,42 @@ def prune(checkpoints: list[tuple[int, Path]], keep: int) -> list[Path]:
 
 T = TypeVar("T")
 
+# How often one search may find its candidate gone (pruned by the trainer
+# beside it) before giving up: each time, the folder is listed again.
+_RELISTS = 100
 
-def load_newest(candidates: Iterable[tuple[int, Path]], folder: Path,
+
+def load_newest(list_candidates: Callable[[], Iterable[tuple[int, Path]]], folder: Path,
                 warn: Callable[[str], None], load: Callable[[Path], T]) -> T | None:
-    """What `load` makes of the first of a run's checkpoints (newest first)
-    that is intact: a corrupt one is skipped with `warn`, one written for
-    another model or optimizer (CheckpointMismatch) stops the search, so that
-    a changed config never silently goes back to an older checkpoint. None
-    when there are none; EiclError when every one is corrupt."""
+    """What `load` makes of the first of a run's checkpoints (newest first,
+    as `list_candidates()` gives them) that is intact: a corrupt one is
+    skipped with `warn`; one written for another model or config
+    (CheckpointMismatch) stops the search, so that a changed config never
+    silently goes back to an older checkpoint; one that has vanished since
+    the folder was listed (a trainer pruning it) is no fault: the folder is
+    listed again, for the newer one that took its place. None when there are
+    none; EiclError when every one is corrupt."""
+    tried: set[Path] = set()
     corrupt = 0
-    for _, path in candidates:
-        try:
-            return load(path)
-        except CheckpointMismatch:
-            raise
-        except CheckpointError as e:
-            warn(f"skipping {path.name}: {e}")
-            corrupt += 1
+    for _ in range(_RELISTS):
+        for _, path in list_candidates():
+            if path in tried:
+                continue
+            tried.add(path)
+            try:
+                return load(path)
+            except CheckpointVanished:
+                break
+            except CheckpointMismatch:
+                raise
+            except CheckpointError as e:
+                warn(f"skipping {path.name}: {e}")
+                corrupt += 1
+        else:
+            break
+    else:
+        raise EiclError(f"the checkpoints in {folder} kept vanishing before they could be read; "
+                        "is another process deleting them?")
     if corrupt:
         raise EiclError(f"no intact checkpoint in {folder} ({corrupt} corrupt)")
     return None

@@ -113,8 +113,7 @@ def train(
     initialize_distributed(coordinator, num_processes, process_id, auto=distributed)
     cfg = training.train_config(config, out, set_ or [], resume)
     if print_config:
-        from .config import to_toml
-        display.print_json(to_toml(training.resolved_config(cfg)).rstrip("\n"))
+        display.print_json(runs.config_text(training.resolved_config(cfg)).rstrip("\n"))
         return
     if print_model:
         from .model import build_model, parameter_counts
@@ -139,6 +138,9 @@ def train(
     except KeyboardInterrupt:  # a second Ctrl+C: quit at once, no checkpoint
         display.warn(f"stopped without saving; resume with: eicl train --resume {run_dir}")
         raise typer.Exit(130)
+    except Exception:
+        training.discard_if_unstarted(start)
+        raise
     display.print_train_outcome(outcome.status, outcome.step, cfg.run.steps, run_dir,
                                 runs.checkpoint_dir(run_dir))
     if outcome.status == "interrupted":
@@ -272,7 +274,7 @@ def report(
     from . import display, report as report_mod
     if json_ and csv_:
         raise EiclError("--json and --csv: choose one output format")
-    rows, keys = report_mod.collect(paths, pool=not separate)
+    rows, keys = report_mod.collect(paths, pool=not separate, warn=display.warn)
     metric = "accuracy_closed" if closed else "accuracy_query"
     if plot is not None:
         from . import plots

@@ -20,6 +20,7 @@ import tomli_w
 
 from . import class_weights
 from .errors import EiclError
+from .files import read_text
 
 
 class ConfigError(EiclError):
@@ -446,10 +447,10 @@ def _merge(base: dict, over: dict) -> dict:
 def read_toml_file(path: Path, what: str = "config") -> dict:
     """Parse one TOML file; a missing file or a syntax error (with its line)
     is a one-line ConfigError."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{what} file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_text(path, f"{what} file"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"TOML syntax error in {path}: {e}") from None
 

@@ -109,32 +109,30 @@ def build_skeleton(cfg: Config, image_shape: tuple[int, ...]):
     return build_model(cfg, jax.random.key(cfg.run.seed), image_shape)
 
 
-def resolve_checkpoint(target: Path) -> tuple[list[tuple[int, Path]], Path | None]:
-    """A run folder -> its checkpoints newest first; a file -> just that file."""
+def resolve_checkpoint(target: Path) -> Path | None:
+    """A run folder -> the folder (after checking it has checkpoints); a
+    checkpoint file -> None (its own errors are the answer)."""
     target = Path(target)
     if target.is_dir():
         if not runs.is_run_dir(target):
             raise EiclError(f"{target} is not a run folder (no {runs.CONFIG_FILE}) "
                             "and not a checkpoint file")
-        found = list(runs.iter_newest_first(target))
-        if not found:
+        if not runs.list_checkpoints(target):
             raise EiclError(f"run folder {target} has no checkpoints yet "
                             f"(looked in {runs.checkpoint_dir(target)})")
-        return found, target
+        return target
     if target.is_file():
-        return [(-1, target)], None
+        return None
     raise EiclError(f"{target} does not exist; give a run folder or a .safetensors checkpoint")
-
-
-def config_of_checkpoint(path: Path) -> Config:
-    meta = checkpoint.read_metadata(path)
-    return config_mod.from_toml(meta["config"])
 
 
 def restore_for_eval(target: Path, dataset_loader=None):
     """Load the model of a run folder (its newest intact checkpoint; corrupt
     ones are skipped with a warning) or of one checkpoint file, with the
-    dataset and generator its config describes."""
+    dataset and generator its config describes. A run folder's checkpoint
+    must belong to the run: one written under another model or config is
+    refused in one line. Each checkpoint is read once, before the data
+    loads, so a trainer pruning it meanwhile takes nothing away."""
     from . import display
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
@@ -151,9 +149,16 @@ def restore_for_eval(target: Path, dataset_loader=None):
         return cfg, SequenceGenerator(dataset, cfg), device_data(dataset, cfg), skeleton
 
     prepared: list = []
+    run_dir = resolve_checkpoint(target)
+    run_cfg = runs.read_config(run_dir) if run_dir is not None else None
 
     def load(path: Path):
-        cfg = config_of_checkpoint(path)
+        snapshot = checkpoint.read_snapshot(path)
+        cfg = checkpoint.recorded_config(snapshot)
+        if run_cfg is not None:
+            checkpoint.check_config(snapshot, run_cfg, str(run_dir / runs.CONFIG_FILE),
+                                    "it is not this run's; give the file itself to evaluate "
+                                    "it under the config recorded in it")
         # The checkpoints of one run share a config: load its data once.
         if not prepared or prepared[0][0] != cfg:
             prepared[:] = [prepare(cfg)]
@@ -166,14 +171,18 @@ def restore_for_eval(target: Path, dataset_loader=None):
         if cfg.train.ema_decay > 0:
             opt_state = jax.eval_shape(make_optimizer(cfg).init,
                                        eqx.filter(model, eqx.is_inexact_array))
-        loaded = checkpoint.load(path, model=model, state=state, opt_state=opt_state)
+        loaded = checkpoint.load(snapshot, model=model, state=state, opt_state=opt_state)
         model = evaluation_model(loaded.model, loaded.opt_state)
         return Restored(cfg, model, loaded.state, loaded.step, path), data, generator
 
-    candidates, run_dir = resolve_checkpoint(target)
     if run_dir is None:  # one file: its error is the answer
-        return load(candidates[0][1])
-    return checkpoint.load_newest(candidates, runs.checkpoint_dir(run_dir), display.warn, load)
+        return load(Path(target))
+    found = checkpoint.load_newest(lambda: runs.iter_newest_first(run_dir),
+                                   runs.checkpoint_dir(run_dir), display.warn, load)
+    if found is None:  # every one listed was deleted before it could be read
+        raise EiclError(f"run folder {run_dir} has no checkpoints any more "
+                        f"(looked in {runs.checkpoint_dir(run_dir)})")
+    return found
 
 
 def check_modes(modes: list[str]) -> None:

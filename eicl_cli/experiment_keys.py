@@ -42,6 +42,13 @@ STACKABLE_KEYS = frozenset({
 })
 
 
+# Sections a run may change as it continues from a checkpoint (train
+# --resume --set): how long it trains and how often it logs, evaluates and
+# checkpoints, and what its evaluations draw. Not run.seed, which the data
+# stream from the checkpoint on depends on.
+CONTINUABLE_SECTIONS = frozenset({"run", "eval"})
+
+
 def flat(cfg: Config, used_only: bool = False) -> dict[str, Any]:
     """section.key -> value. With `used_only`, the sections the run's model
     does not use (`rnn` for a transformer, `transformer` for a recurrent
@@ -83,3 +90,20 @@ def step_identity(cfg: Config) -> str:
                           eval=config_mod.EvalConfig(),
                           data=dataclasses.replace(cfg.data, cache_file="", cache_sha256=""))
     return config_mod.to_toml(neutral)
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether a run continued from a checkpoint may take another value of
+    `key` (section.key) and still be the run the checkpoint belongs to."""
+    return (key in BOOKKEEPING_KEYS or key in EXECUTION_KEYS
+            or (key.split(".")[0] in CONTINUABLE_SECTIONS and key != "run.seed"))
+
+
+def continuation_difference(recorded: Config, current: Config) -> list[str]:
+    """The keys, in config order, in which `current` differs from the config
+    a checkpoint `recorded` and that a run continued from it may not change:
+    empty when the checkpoint belongs to this run. Sections the model does
+    not use are left out, as in a report."""
+    a, b = flat(recorded, used_only=True), flat(current, used_only=True)
+    return [k for k in dict.fromkeys([*a, *b])
+            if a.get(k) != b.get(k) and not may_change_on_resume(k)]

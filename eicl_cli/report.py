@@ -18,6 +18,7 @@ import io
 import json
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def load_run(path: Path) -> RunResult:
     path = Path(path)
     copy = copy_config(path)
     if copy is not None:
-        cfg = config_mod.from_toml(copy.read_text())
+        cfg = runs.read_config_file(copy)
         name, progress = path.name.removesuffix(COPY_METRICS), None
     else:
         cfg, name, progress = runs.read_config(path), path.name, sweep.run_progress(path)
@@ -151,6 +152,7 @@ class Row:
     runs: list[RunResult]
     expected_runs: int                # seeds in the manifest (1 for a run)
     notes: list[str] = field(default_factory=list)
+    damaged: int = 0                  # runs left out: their files cannot be read
 
     def stat(self, which: str, metric: str, kind: str) -> Stat | None:
         pairs = []
@@ -222,11 +224,25 @@ def _pool(rows: list[Row]) -> list[Row]:
     return [row for _, row in out]
 
 
-def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]:
+def collect(paths: list[Path], pool: bool = True,
+            warn: Callable[[str], None] | None = None) -> tuple[list[Row], list[str]]:
     """Rows for every run folder and sweep folder given; returns (rows, swept keys).
-    With `pool`, runs that differ only in seed share one row, across folders."""
+    With `pool`, runs that differ only in seed share one row, across folders.
+    A run whose files are damaged (its config cut short, a metrics line
+    that is not a record) is left out with `warn`, its sweep point marked,
+    rather than shown as a run that has not started; when no run is left, the
+    first such error is raised."""
     if not paths:
         raise EiclError("give at least one run folder or sweep folder")
+    skipped: list[tuple[Path, EiclError]] = []
+
+    def load(path: Path) -> RunResult | None:
+        try:
+            return load_run(path)
+        except EiclError as e:
+            skipped.append((path, e))
+            return None
+
     rows: list[Row] = []
     keys: list[str] = []
     singles: list[RunResult] = []
@@ -247,18 +263,25 @@ def collect(paths: list[Path], pool: bool = True) -> tuple[list[Row], list[str]]
             for r in manifest["runs"]:
                 points.setdefault(r["point"], []).append(r)
             for point, members in points.items():
-                results = [load_run(p / m["run_dir"]) for m in members
-                           if runs.is_run_dir(p / m["run_dir"])]
+                loaded = [load(p / m["run_dir"]) for m in members
+                          if runs.is_run_dir(p / m["run_dir"])]
+                results = [r for r in loaded if r is not None]
                 rows.append(Row(source=p.name, label=point, values=dict(members[0]["values"]),
-                                runs=results, expected_runs=len(members)))
+                                runs=results, expected_runs=len(members),
+                                damaged=len(loaded) - len(results)))
         elif runs.is_run_dir(p) or copy_config(p) is not None:
-            singles.append(load_run(p))
+            singles.append(load(p))
         elif p.is_dir() and _copies_in(p):
-            singles.extend(load_run(c) for c in _copies_in(p))
+            singles.extend(load(c) for c in _copies_in(p))
         else:
             raise EiclError(f"{p} is not a run folder (no {runs.CONFIG_FILE}), a sweep folder "
                             f"(no {sweep.MANIFEST}) nor a run's copy (NAME{COPY_METRICS} beside "
                             f"NAME{COPY_CONFIG})")
+    singles = [r for r in singles if r is not None]
+    if skipped and (warn is None or not singles and not any(row.runs for row in rows)):
+        raise skipped[0][1]
+    for path, e in skipped:
+        warn(f"left out {path}: {e}")
     in_points = {k for row in rows for k in row.values}  # a sweep's grid and zip keys
     # A run given twice (alone, or inside a sweep also given) counts once.
     seen = {r.path.resolve() for row in rows for r in row.runs}
@@ -322,6 +345,8 @@ def _mark(rows: list[Row]) -> None:
         if any(r.eval_modes != usual for r in row.runs):
             modes = sorted({m for r in row.runs for m in r.eval_modes})
             row.notes.append("eval modes differ: " + ",".join(modes))
+        if row.damaged:
+            row.notes.append(f"{row.damaged} damaged, left out")
         if not row.runs:
             row.notes.append("not started")
         elif row.finished_runs < row.expected_runs:

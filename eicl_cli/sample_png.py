@@ -20,7 +20,7 @@ from .config import Config
 from .data.augment import apply_variant
 from .data.sequences import Batch
 from .errors import EiclError
-from .runs import atomic_write_bytes
+from .files import atomic_write_bytes
 
 MIN_CELL = 84  # pixels: small (downsampled) images are enlarged to at least this
 CAPTION = 16

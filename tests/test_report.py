@@ -375,3 +375,39 @@ def test_plot_needs_evaluations(tmp_path: Path) -> None:
     with pytest.raises(EiclError, match="nothing to plot"):
         from eicl_cli import plots
         plots.plot_curves(rows, keys, tmp_path / "p.png")
+
+
+@pytest.mark.parametrize("cut", ["[optimizer]", "keep_checkpoints ="])
+def test_a_run_whose_config_is_cut_short_is_left_out_not_shown_as_fresh(
+        fixture_sweep: Path, tmp_path: Path, cut: str) -> None:
+    # Cut at a line boundary, as a crash or a full disk leaves it: read with
+    # defaults, it would be a run of 500,000 steps at the paper's settings.
+    damaged = next(p for p in sorted(fixture_sweep.iterdir()) if runs.is_run_dir(p))
+    text = (damaged / "config.toml").read_text()
+    (damaged / "config.toml").write_text(text[:text.index(cut)])
+    res = CliRunner().invoke(app, ["report", str(fixture_sweep), "--json"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.strip() == (f"warning: left out {damaged}: {damaged / 'config.toml'} is "
+                                  "damaged: it differs from what eicl wrote (its checksum does "
+                                  "not match: cut short or edited by hand); restore it, or start "
+                                  "the run again in a new folder")
+    rows = json.loads(res.stdout)["rows"]
+    row = next(r for r in rows if str(damaged) not in r["runs"] and len(r["runs"]) == 1)
+    assert row["expected_runs"] == 2 and "1 damaged, left out" in row["notes"]
+    assert all(r["steps"] == STEPS[-1] for r in rows)
+    # Given alone, it is an error of one line.
+    res = CliRunner().invoke(app, ["report", str(damaged)])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith(f"error: {damaged / 'config.toml'} is damaged")
+
+
+def test_a_config_from_before_checksums_is_read_unless_a_section_is_missing(
+        tmp_path: Path) -> None:
+    run = make_run(tmp_path / "old", base_cfg(), icl_curve(0.5, 0), iwl_curve(0.5, 0))
+    body = C.to_toml(base_cfg())
+    (run / "config.toml").write_text(body)  # as eicl wrote it before the checksum line
+    assert report.collect([run])[0][0].runs[0].config == base_cfg()
+    (run / "config.toml").write_text(body[:body.index("[rnn]")])
+    with pytest.raises(EiclError, match=r"config.toml is damaged: it has no \[rnn\] section"):
+        report.collect([run])

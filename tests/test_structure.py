@@ -77,7 +77,8 @@ def test_no_import_circle_and_no_private_name_of_another_module():
 
 
 def test_the_pure_rules_load_without_jax():
-    code = ("import sys, eicl_cli.eval_modes, eicl_cli.experiment_keys, eicl_cli.config; "
+    code = ("import sys, eicl_cli.eval_modes, eicl_cli.experiment_keys, eicl_cli.config, "
+            "eicl_cli.files; "
             "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

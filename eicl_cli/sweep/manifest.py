@@ -24,6 +24,7 @@ from typing import Any
 from .. import config as config_mod
 from .. import runs
 from ..errors import EiclError
+from ..files import read_text
 from ..eval_modes import ICL_MODE, iwl_mode
 from ..locks import pid_alive
 from .spec import SweepRun, SweepSpec, swept_keys
@@ -54,7 +55,7 @@ def read_manifest(sweep_dir: Path) -> dict:
     if not path.is_file():
         raise EiclError(f"{sweep_dir} is not a sweep folder: it has no {MANIFEST}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "sweep manifest"))
     except json.JSONDecodeError as e:
         raise EiclError(f"{path} is not valid JSON ({e}); was it edited by hand?") from None
     if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("runs"), list):
@@ -124,9 +125,9 @@ def read_state(sweep_dir: Path) -> dict[str, dict]:
     path = Path(sweep_dir) / STATE_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+    try:  # only a record of the last launch: unreadable, it is written afresh
+        return json.loads(read_text(path, "sweep state"))
+    except (json.JSONDecodeError, EiclError):
         return {}
 
 
@@ -177,9 +178,9 @@ def latest_eval(run_dir: Path, modes: tuple[str, ...], tail_bytes: int = 1 << 16
         f.seek(max(0, size - tail_bytes))
         lines = f.read().decode(errors="replace").splitlines()
     for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+        try:  # the table skips a line it cannot show; a resume names it
+            rec = runs.check_metrics_record(path, 0, json.loads(line))
+        except (json.JSONDecodeError, EiclError):
             continue
         mode = rec.get("mode")
         if rec.get("kind") == "eval" and mode in modes and mode not in found:
@@ -189,7 +190,10 @@ def latest_eval(run_dir: Path, modes: tuple[str, ...], tail_bytes: int = 1 << 16
     if len(found) < len(modes) and size > tail_bytes:
         for mode in modes:  # a long run whose last eval of this mode is further back
             if mode not in found:
-                recs = runs.read_metrics(run_dir, kind="eval", mode=mode)
+                try:
+                    recs = runs.read_metrics(run_dir, kind="eval", mode=mode)
+                except EiclError:
+                    recs = []
                 if recs:
                     found[mode] = recs[-1]
     return found

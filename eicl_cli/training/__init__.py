@@ -3,7 +3,8 @@
 made before a run folder exists (preflight.py)."""
 
 from .loop import Outcome, TrainingDiverged, train_runs
-from .preflight import resolved_config, start_run, start_stack, train_config
+from .preflight import (discard_if_unstarted, resolved_config, start_run, start_stack,
+                        train_config)
 
-__all__ = ["Outcome", "TrainingDiverged", "train_runs", "resolved_config", "start_run",
-           "start_stack", "train_config"]
+__all__ = ["Outcome", "TrainingDiverged", "train_runs", "discard_if_unstarted",
+           "resolved_config", "start_run", "start_stack", "train_config"]

@@ -28,7 +28,8 @@ import numpy as np
 from .. import checkpoint, display, environment, runs
 from .. import config as config_mod
 from ..config import Config
-from ..errors import EiclError
+from ..errors import EiclError, first_line
+from ..files import read_text
 from ..evaluate import evaluate_modes, table_rows
 from ..inputs import device_data
 from ..metrics import METRIC_NAMES
@@ -132,15 +133,24 @@ def train_record(cfg: Config, sums: dict, step: int, time_s: float, steps_per_s:
     return record
 
 
-def restore_newest(run_dir: Path, model: Any, state: Any,
+def restore_newest(run_dir: Path, cfg: Config, model: Any, state: Any,
                    opt_state: Any) -> checkpoint.Loaded | None:
     """The run's newest checkpoint that loads into these trees (corrupt ones
-    skipped with a warning), or None if it has none yet."""
+    skipped with a warning), or None if it has none yet. One written under
+    another config (`cfg` is the one the run continues with) is refused."""
     for path in runs.remove_stale_temp_files(run_dir):
         display.warn(f"removed {path.name}, a checkpoint whose write was cut short")
-    return checkpoint.load_newest(
-        runs.iter_newest_first(run_dir), runs.checkpoint_dir(run_dir), display.warn,
-        lambda path: checkpoint.load(path, model=model, state=state, opt_state=opt_state))
+
+    def load(path: Path) -> checkpoint.Loaded:
+        snapshot = checkpoint.read_snapshot(path)
+        checkpoint.check_config(
+            snapshot, cfg, f"the run's ({run_dir / runs.CONFIG_FILE}, with any --set)",
+            "a run continues only under the config it was trained with (--set may change "
+            "the run keys but run.seed, the eval keys, and where and how it runs)")
+        return checkpoint.load(snapshot, model=model, state=state, opt_state=opt_state)
+
+    return checkpoint.load_newest(lambda: runs.iter_newest_first(run_dir),
+                                  runs.checkpoint_dir(run_dir), display.warn, load)
 
 
 def train_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool = False,
@@ -160,6 +170,12 @@ def train_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool = False
                       live, dataset, writer)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is the host (MemoryError) or XLA (RESOURCE_EXHAUSTED)
+    refusing an allocation."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)[:500]
+
+
 def _train(cfgs: list[Config], run_dirs: list[Path], resume: bool, live: bool | None,
            dataset: Any, writer: bool) -> Outcome:
     from ..data.dataset import load_dataset
@@ -175,12 +191,21 @@ def _train(cfgs: list[Config], run_dirs: list[Path], resume: bool, live: bool | 
     cfgs = [with_cache_identity(c, dataset.cache_file, dataset.cache_sha256) for c in cfgs]
     tomls = [config_mod.to_toml(c) for c in cfgs]
     stacked = len(cfgs) > 1
-    data = device_data(dataset, cfgs[0])
-    trainer = Trainer(cfgs, dataset, data, None if stacked else placement(cfgs[0]))
+    doing = "building the model and optimizer state"
     try:
-        return _loop(trainer, cfgs, run_dirs, names, tomls, resume, live, writer)
-    finally:
-        trainer.close()
+        data = device_data(dataset, cfgs[0])
+        trainer = Trainer(cfgs, dataset, data, None if stacked else placement(cfgs[0]))
+        doing = "training"
+        try:
+            return _loop(trainer, cfgs, run_dirs, names, tomls, resume, live, writer)
+        finally:
+            trainer.close()
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        raise EiclError(f"out of memory {doing} {', '.join(names)} ({first_line(e)}); reduce "
+                        "train.batch_size or the model's size, or use a device with more "
+                        "memory") from None
 
 
 def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: list[str],
@@ -189,7 +214,7 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
     starts, elapsed, trees = [], [], []
     for i, run_dir in enumerate(run_dirs):
         fresh = trainer.run(i)
-        restored = restore_newest(run_dir, *fresh) if resume else None
+        restored = restore_newest(run_dir, cfgs[i], *fresh) if resume else None
         if resume and restored is None and not stacked:
             display.warn(f"{run_dir} has no checkpoint yet; starting from step 0")
         starts.append(restored.step if restored else 0)
@@ -208,13 +233,15 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
         env = {**environment.record(start), "steps_per_call": trainer.per_call}
         if stacked:
             env.update(stacked_with=len(cfgs), draw_workers=trainer.draw_workers)
-        for run_dir, cfg, text in zip(run_dirs, cfgs, tomls):
+        for run_dir, cfg in zip(run_dirs, cfgs):
             if start and not stacked:
                 display.info(f"resuming {run_dir} from step {start} "
                              f"({runs.checkpoint_path(run_dir, start).name})")
             runs.truncate_metrics(run_dir, start)
-            if (run_dir / runs.CONFIG_FILE).read_text() != text:
-                runs.write_config(run_dir, cfg)  # continues under the changed keys (--set)
+            # The config it continues under may change the keys that leave the run
+            # what it was (--set run.steps); restore_newest refused any other change.
+            if read_text(run_dir / runs.CONFIG_FILE, "run config") != runs.config_text(cfg):
+                runs.write_config(run_dir, cfg)
             # The steps per call change the rounding: record the K this start ran.
             runs.append_environment(run_dir, env)
 

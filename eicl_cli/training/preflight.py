@@ -64,9 +64,9 @@ def train_config(config: Path | None, out: Path | None, overrides: list[str],
         if config is not None or out is not None:
             raise EiclError("--resume continues a run with its own config and folder; "
                             "drop --config/--out (change keys with --set)")
-        if not runs.is_run_dir(resume):
+        if not (resume / runs.CONFIG_FILE).exists():
             raise EiclError(f"--resume {resume}: not a run folder (no {runs.CONFIG_FILE})")
-        return config_mod.load(resume / runs.CONFIG_FILE, overrides)
+        return runs.read_config(resume, overrides)
     if config is not None:
         return config_mod.load(config, overrides)
     return config_mod.from_dict(config_mod.apply_overrides({}, overrides))
@@ -107,7 +107,6 @@ def start_run(cfg: Config, config_path: Path | None, out: Path | None,
     cfg = with_cache_identity(cfg, dataset.cache_file, dataset.cache_sha256)
     if is_writer():  # process 0 makes the folder; the others write nothing
         run_dir = runs.new_run_dir(cfg, config_path, out)
-        runs.write_config(run_dir, cfg)
     else:
         run_dir = out
     return Start([cfg], [run_dir], dataset, resume=False)
@@ -118,14 +117,22 @@ def start_stack(sweep_dir: Path, names: list[str]) -> Start:
     one, else its config from the sweep's configs/ (its folder made here)."""
     from .trainer import check_stackable
     dirs = [sweep_dir / name for name in names]
-    cfgs = [runs.read_config(d) if runs.is_run_dir(d)
+    cfgs = [runs.read_config(d) if (d / runs.CONFIG_FILE).exists()
             else config_mod.load(sweep_dir / "configs" / f"{name}.toml")
             for name, d in zip(names, dirs)]
     check_stackable(cfgs, names)
     dataset = _load_checked(cfgs)
     for i, run_dir in enumerate(dirs):
-        if not runs.is_run_dir(run_dir):
+        if not (run_dir / runs.CONFIG_FILE).exists():
             cfgs[i] = with_cache_identity(cfgs[i], dataset.cache_file, dataset.cache_sha256)
             runs.new_run_dir(cfgs[i], None, run_dir)
-            runs.write_config(run_dir, cfgs[i])
     return Start(cfgs, dirs, dataset, resume=True)
+
+
+def discard_if_unstarted(start: Start) -> None:
+    """After a failure before training began (an out-of-memory model, say),
+    remove the new run folders this start made that hold nothing but their
+    config, so the same --out starts afresh; resumed folders stay."""
+    if not start.resume and is_writer():
+        for run_dir in start.run_dirs:
+            runs.discard_unstarted(run_dir)
