@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import EiclError
@@ -69,29 +70,47 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, shared: bool = False) -> None:
     """Write to a temporary name, fsync, rename: readers never see half a
-    file, and a failed write leaves neither half a file nor its temporary."""
+    file, and a failed write leaves neither half a file nor its temporary.
+
+    `shared`: several processes may write this file at once (two
+    `prepare-data` on a lab's data folder), so the temporary name is unique
+    to this write instead of temp_path(path), and the file gets the mode an
+    ordinary open() would give it."""
     path = Path(path)
-    tmp = temp_path(path)
-    made = False
+    tmp: Path | None = None
     try:
-        with open(tmp, "wb") as f:
-            made = True
+        if shared:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmp = Path(name)
+            os.fchmod(fd, 0o666 & ~_umask())
+            f = os.fdopen(fd, "wb")
+        else:
+            tmp = temp_path(path)
+            f = open(tmp, "wb")
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        made = False
+        tmp = None
     except OSError as e:
         raise EiclError(f"cannot write {path}: {reason(e)}") from None
     finally:
-        if made:
+        if tmp is not None:
             try:
                 tmp.unlink()
             except OSError:
                 pass
     fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def append_text(path: Path, text: str) -> None:

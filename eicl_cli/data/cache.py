@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..errors import EiclError, first_line
+from ..files import atomic_write_bytes
 
 FORMAT_VERSION = "1"
 CACHE_NAMES = {"omniglot": "omniglot.safetensors", "synthetic": "synthetic.safetensors"}
@@ -139,32 +138,6 @@ def check_cache(path: Path) -> dict[str, str]:
     return verify(data, path)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename over it. The
-    temporary name is unique, so two `prepare-data` racing on one folder
-    never mix their bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; a lab shares one cache folder, so give
-        # it the mode an ordinary open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check(raw: RawSet) -> None:
     n = len(raw.images)
     if raw.images.ndim != 3 or raw.images.dtype != np.uint8:
@@ -209,7 +182,7 @@ def write_cache(raw: RawSet, path: Path) -> str:
     # of a first serialisation is the digest of the final one.
     meta[CONTENT_KEY] = content_digest(st_save(tensors, metadata=meta))
     data = st_save(tensors, metadata=meta)
-    atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), data, shared=True)
     return hashlib.sha256(data).hexdigest()
 
 
