@@ -89,7 +89,7 @@ class FolderLock:
 
     def _read_owner(self) -> tuple[str | None, int]:
         try:
-            return _parse_owner(self.path.read_text())
+            return _parse_owner(self.path.read_bytes().decode(errors="replace"))
         except OSError:
             return None, 0
 

@@ -82,6 +82,18 @@ def test_one_process_cannot_take_its_own_lock_twice(tmp_path: Path):
     assert not path.exists()
 
 
+def test_a_lock_file_that_is_not_utf8_is_a_refusal_or_taken_over_not_a_traceback(
+        tmp_path: Path):
+    path = tmp_path / ".lock"
+    with FolderLock(path, "thing"):
+        path.write_bytes(b"\xff\xfe garbage \x00")  # held, its text unreadable
+        with pytest.raises(EiclError, match="in use by"):
+            FolderLock(path, "thing").__enter__()
+    path.write_bytes(b"\xff\xfe garbage \x00")  # left behind, nobody holds it
+    with FolderLock(path, "thing"):
+        assert path.read_text().split()[1] == str(os.getpid())
+
+
 @pytest.mark.slow  # a short run, then a fresh process
 def test_a_second_trainer_on_one_run_is_refused(data_dir: Path, tmp_path: Path):
     run = tmp_path / "run"
