@@ -33,9 +33,12 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(fn):
-    """Turn EiclError into a one-line message and exit code 2, no traceback."""
+    """Turn EiclError into a one-line message and exit code 2, no traceback;
+    the output laid out for the environment the command runs in."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from . import display
+        display.use_current_environment()
         try:
             return fn(*args, **kwargs)
         except EiclError as e:

@@ -26,6 +26,15 @@ console = _console()
 err_console = _console(stderr=True)
 
 
+def use_current_environment() -> None:
+    """Make the two consoles anew for the environment as it is now. Rich
+    fixes a console's width when the console is made, and a command run
+    inside another program (cli.run_app, tests) may find COLUMNS or its
+    output stream changed since eicl was imported."""
+    global console, err_console
+    console, err_console = _console(), _console(stderr=True)
+
+
 def is_terminal() -> bool:
     """True when stdout is an interactive terminal (live bars); else plain lines."""
     return sys.stdout.isatty()

@@ -206,6 +206,20 @@ def test_json_and_csv(fixture_sweep: Path) -> None:
     assert table[1]["icl_accuracy_query_final_step"] == "5000"
 
 
+def test_the_table_is_laid_out_for_the_columns_the_command_runs_with(
+        fixture_sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program that imported eicl under a narrow COLUMNS (here: its
+    consoles made anew under 60) and runs `report` under a wide one gets the
+    wide table, with every column."""
+    from eicl_cli import display
+    monkeypatch.setenv("COLUMNS", "60")
+    display.use_current_environment()
+    monkeypatch.delenv("COLUMNS")
+    res = CliRunner().invoke(app, ["report", str(fixture_sweep)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "ICL final" in res.output and max(map(len, res.output.splitlines())) > 100
+
+
 def test_cli_table_json_csv_and_plot(fixture_sweep: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     plot = tmp_path / "curves.png"
