@@ -1,0 +1,115 @@
+"""Trackers show metrics.jsonl: what they logged, read back with their own
+readers, is metrics.jsonl value for value, across a resume too."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from eicl_cli import runs, tracking
+from eicl_cli.cli import app
+from eicl_cli.config import ConfigError
+from eicl_cli.errors import EiclError
+from eicl_cli.eval_modes import ICL_MODE, iwl_mode
+
+from train_support import tiny, train_run
+
+pytest.importorskip("tensorboard")
+
+
+def read_tensorboard(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    """{tag: [(step, value)]} and the config texts, as TensorBoard reads them
+    (purges included)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={
+        event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("config")]
+    return scalars, texts
+
+
+def expected(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl as tags, in float32 as TensorBoard keeps scalars."""
+    cfg = runs.read_config(run)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for rec in runs.read_metrics(run):
+        for tag, v in tracking.scalar_names(rec, iwl_mode(cfg.eval.modes)).items():
+            out.setdefault(tag, []).append((rec["step"], float(np.float32(v))))
+    return out
+
+
+def test_scalar_names():
+    train = {"kind": "train", "step": 5, "mode": "bursty", "time": 1.5, "steps_per_s": 9.0,
+             "lr": 0.001, "loss": 2.0, "accuracy_query": 0.5, "from_support": None}
+    assert tracking.scalar_names(train) == {
+        "train/time": 1.5, "train/steps_per_s": 9.0, "train/lr": 0.001, "train/loss": 2.0,
+        "train/accuracy_query": 0.5}
+    ev = {"kind": "eval", "step": 5, "mode": ICL_MODE, "accuracy_query": 0.25,
+          "accuracy_closed": 0.5}
+    assert tracking.scalar_names(ev) == {"icl/accuracy_query": 0.25, "icl/accuracy_closed": 0.5}
+    iwl = {**ev, "mode": "no_support_zipfian"}
+    assert tracking.scalar_names(iwl, "no_support_zipfian")["iwl/accuracy_query"] == 0.25
+    assert tracking.scalar_names(iwl, "no_support_common") == {
+        "eval/no_support_zipfian/accuracy_query": 0.25,
+        "eval/no_support_zipfian/accuracy_closed": 0.5}
+
+
+def test_tensorboard_matches_metrics_across_a_resume(data_dir: Path, tmp_path: Path):
+    cfg = tiny(data_dir, 'run.trackers=["tensorboard"]', "run.steps=20", "run.log_every=5",
+               "run.eval_every=10", "run.checkpoint_every=10", "eval.train_sequences=32",
+               "eval.batch_size=32")
+    run = tmp_path / "run"
+    train_run(cfg, run)
+    first, _ = read_tensorboard(run / tracking.TB_DIR)
+    assert first == expected(run)
+    # Resume from step 10, as if the run had stopped after logging steps 15
+    # and 20: TensorBoard must drop those and hold the rerun's values once.
+    runs.checkpoint_path(run, 20).unlink()
+    assert train_run(cfg, run, resume=True).step == 20
+    assert len(list((run / tracking.TB_DIR).glob("events.out.tfevents.*"))) == 2
+    scalars, texts = read_tensorboard(run / tracking.TB_DIR)
+    want = expected(run)
+    assert scalars == want
+    assert [s for s, _ in want["train/loss"]] == [5, 10, 15, 20]
+    assert [s for s, _ in want["icl/accuracy_closed"]] == [10, 20]
+    assert {"train/lr", "train/steps_per_s", "train/from_support", "icl/accuracy_query",
+            "iwl/accuracy_query"} <= set(scalars)
+    assert len(texts) == 2 and "[run]" in texts[0]
+
+    # The same run exported by `eicl report --tensorboard`, twice: the second
+    # export supersedes the first rather than doubling it.
+    out = tmp_path / "tb"
+    for _ in range(2):
+        res = CliRunner().invoke(app, ["report", str(run), "--tensorboard", str(out)])
+        assert res.exit_code == 0, res.output
+    assert read_tensorboard(out / "run")[0] == want
+
+
+def test_unknown_tracker_is_refused(data_dir: Path):
+    with pytest.raises(ConfigError) as e:
+        tiny(data_dir, 'run.trackers=["mlflow"]')
+    assert "run.trackers entry = 'mlflow' is not allowed" in str(e.value)
+    assert "tensorboard, wandb" in str(e.value)
+
+
+def test_missing_extra_names_the_install_command(data_dir: Path, tmp_path: Path,
+                                                 monkeypatch):
+    cfg = tiny(data_dir, 'run.trackers=["tensorboard"]')
+    # As if the extra were not installed, though other tests imported it.
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorboard"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(EiclError) as e:
+        tracking.open_trackers(cfg, tmp_path, 0)
+    msg = str(e.value)
+    assert "pip install 'eicl[tensorboard]'" in msg and "\n" not in msg
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(EiclError) as e:
+        tracking.check_installed([cfg])
+    assert "pip install 'eicl[tensorboard]'" in str(e.value)
