@@ -155,6 +155,13 @@ def export_paths(paths: Iterable[Path], out_dir: Path) -> list[tuple[Path, Path,
 
 # ---------------------------------------------------------------- W&B
 
+def _new_run_id() -> str:
+    """Eight lowercase letters and digits, as W&B makes its own run ids."""
+    import secrets
+    import string
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 class WandbTracker:
     """One W&B run per run folder. Its id is kept in RUN/wandb_id, so that a
     resume continues it. The service being unreachable, or any other W&B
@@ -169,7 +176,7 @@ class WandbTracker:
         self._warn, self._run, self._iwl = warn, None, iwl_mode(cfg.eval.modes)
         self._resume_step = resume_step
         id_file = Path(run_dir) / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else _new_run_id()
         if not id_file.is_file():
             runs.atomic_write_bytes(id_file, (run_id + "\n").encode())
         r = cfg.run
