@@ -162,6 +162,17 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def _init_timeout() -> float:
+    """Seconds W&B may take to start a run before training goes on without
+    it: WANDB_INIT_TIMEOUT where set, else 30 (W&B's own default is 90, a
+    long wait at every start of every run of a sweep when the service is
+    unreachable)."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+
+
 class WandbTracker:
     """One W&B run per run folder. Its id is kept in RUN/wandb_id, so that a
     resume continues it. The service being unreachable, or any other W&B
@@ -186,7 +197,8 @@ class WandbTracker:
                 entity=r.wandb_entity or None, id=run_id, resume="allow", group=group,
                 name=name, dir=str(run_dir), config=config_mod.to_dict(cfg),
                 reinit="create_new",
-                settings=wandb.Settings(init_timeout=30, console="off", silent=True))
+                settings=wandb.Settings(init_timeout=_init_timeout(), console="off",
+                                        silent=True))
         except Exception as e:  # noqa: BLE001 - any W&B failure must leave training alone
             self._fail(e)
 

@@ -4,6 +4,7 @@ readers, is metrics.jsonl value for value, across a resume too."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from eicl_cli.config import ConfigError
 from eicl_cli.errors import EiclError
 from eicl_cli.eval_modes import ICL_MODE, iwl_mode
 
-from train_support import tiny, train_run
+from train_support import TINY, eicl, tiny, train_run
 
 pytest.importorskip("tensorboard")
 
@@ -115,14 +116,18 @@ def test_missing_extra_names_the_install_command(data_dir: Path, tmp_path: Path,
     assert "pip install 'eicl[tensorboard]'" in str(e.value)
 
 
-def read_wandb_history(run: Path) -> list[dict]:
-    """The history rows of a run's offline W&B files: W&B's own record
+def wandb_files(run: Path) -> list[Path]:
+    """A run folder's offline W&B run files, one per start, oldest first."""
+    return sorted((run / tracking.WANDB_DIR).glob("offline-run-*/run-*.wandb"))
+
+
+def read_wandb_history(path: Path) -> list[dict]:
+    """The history rows of one offline W&B run file: W&B's own record
     protobufs, read from its log-structured .wandb file (leveldb log blocks
     after a 7-byte ":W&B" header; wandb no longer ships a Python reader)."""
     import json
     import struct
     from wandb.proto import wandb_internal_pb2
-    (path,) = (run / tracking.WANDB_DIR).glob("offline-run-*/run-*.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     pos, block, pending, rows = 7, 32768, b"", []
@@ -144,27 +149,108 @@ def read_wandb_history(run: Path) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_matches_metrics(data_dir: Path, tmp_path: Path, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny(data_dir, 'run.trackers=["wandb"]', "run.steps=10", "run.log_every=5",
-               "run.eval_every=10", "eval.train_sequences=32", "eval.batch_size=32")
-    run = tmp_path / "run"
-    train_run(cfg, run)
-    assert (run / tracking.WANDB_ID_FILE).read_text().strip()
-    import time
-    # W&B's service may still be writing the file as finish() returns.
+def wandb_rows(path: Path) -> list[dict]:
+    """A finished start's history rows (W&B's service may still be writing
+    the file as finish() returns)."""
     deadline = time.time() + 20
-    while not (rows := read_wandb_history(run)) and time.time() < deadline:
+    while not (rows := read_wandb_history(path)) and time.time() < deadline:
         time.sleep(0.2)
-    logged: dict[str, list[tuple[int, float]]] = {}
+    return rows
+
+
+def as_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         for k, v in row.items():
             if not k.startswith("_"):
-                logged.setdefault(k, []).append((row["_step"], v))
+                out.setdefault(k, []).append((row["_step"], v))
+    return out
+
+
+def metrics_series(run: Path) -> dict[str, list[tuple[int, float]]]:
+    cfg = runs.read_config(run)
     want: dict[str, list[tuple[int, float]]] = {}
     for rec in runs.read_metrics(run):
         for tag, v in tracking.scalar_names(rec, iwl_mode(cfg.eval.modes)).items():
             want.setdefault(tag, []).append((rec["step"], v))
-    assert logged == want
+    return want
+
+
+# What a rerun of the same steps changes: how long they took.
+TIMING = ("time", "steps_per_s", "sequences_per_s")
+
+
+def without_timing(series: dict) -> dict:
+    return {k: v for k, v in series.items() if k.rsplit("/", 1)[-1] not in TIMING}
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_offline_matches_metrics_across_a_resume(data_dir: Path, tmp_path: Path,
+                                                      wandb_offline):
+    cfg = tiny(data_dir, 'run.trackers=["wandb"]', "run.steps=20", "run.log_every=5",
+               "run.eval_every=10", "run.checkpoint_every=10", "eval.train_sequences=32",
+               "eval.batch_size=32")
+    run = tmp_path / "run"
+    train_run(cfg, run)
+    run_id = (run / tracking.WANDB_ID_FILE).read_text().strip()
+    (first,) = wandb_files(run)
+    assert first.name == f"run-{run_id}.wandb"
+    assert as_series(wandb_rows(first)) == metrics_series(run)
+
+    # Resumed from step 10 after steps 15 and 20 were logged: the same W&B
+    # run continues (its id kept in the run folder), and its history, merged
+    # as W&B merges a resumed run's (a step at or below the last one it holds
+    # is dropped), holds each step once: the first start's values, which the
+    # bit-exact rerun repeats but for its timings.
+    runs.checkpoint_path(run, 20).unlink()
+    assert train_run(cfg, run, resume=True).step == 20
+    assert (run / tracking.WANDB_ID_FILE).read_text().strip() == run_id
+    files = wandb_files(run)
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    merged, last = [], -1
+    for path in files:
+        for row in wandb_rows(path):
+            if row["_step"] > last:
+                merged.append(row)
+        last = max(r["_step"] for r in merged)
+    resumed = as_series(wandb_rows(files[1]))
+    assert {s for series in resumed.values() for s, _ in series} == {15, 20}
+    assert without_timing(as_series(merged)) == without_timing(metrics_series(run))
+    assert without_timing(resumed) == {
+        k: [(s, v) for s, v in series if s > 10]
+        for k, series in without_timing(metrics_series(run)).items()
+        if any(s > 10 for s, _ in series)}
+
+
+def test_an_unreachable_wandb_costs_a_warning_not_the_run(data_dir: Path, tmp_path: Path):
+    """A fresh process, as W&B reads its settings once per process."""
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing there
+           "WANDB_API_KEY": "a" * 40, "WANDB_INIT_TIMEOUT": "3", "WANDB_SILENT": "true"}
+    done = eicl("train", "--config", str(TINY), "--out", str(run),
+                "--set", 'run.trackers=["wandb", "tensorboard"]', "--set", "run.steps=10",
+                "--set", "run.log_every=5", "--set", "run.eval_every=10",
+                "--set", "eval.train_sequences=32", "--set", "eval.batch_size=32",
+                data_dir=data_dir, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("Weights & Biases failed") == 1, done.stderr[-2000:]
+    assert [r["step"] for r in runs.read_metrics(run, kind="train")] == [5, 10]
+    assert read_tensorboard(run / tracking.TB_DIR)[0] == expected(run)
+
+
+def test_a_sweep_run_is_grouped_by_its_sweep_file_and_named_by_its_point(tmp_path: Path):
+    sweep = tmp_path / "out"
+    point = sweep / "p_bursty=0.9__seed=1"
+    point.mkdir(parents=True)
+    (sweep / "manifest.json").write_text('{"sweep_file": "/somewhere/burstiness.toml"}')
+    assert tracking.sweep_labels(point) == ("burstiness", "p_bursty=0.9__seed=1")
+    alone = tmp_path / "run"
+    alone.mkdir()
+    assert tracking.sweep_labels(alone) == (None, "run")
