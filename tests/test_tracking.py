@@ -254,3 +254,17 @@ def test_a_sweep_run_is_grouped_by_its_sweep_file_and_named_by_its_point(tmp_pat
     alone = tmp_path / "run"
     alone.mkdir()
     assert tracking.sweep_labels(alone) == (None, "run")
+
+
+def test_stacked_runs_each_get_their_own_tensorboard_view(data_dir: Path, tmp_path: Path):
+    from eicl_cli import training
+    from train_support import new_run_dirs
+    cfgs = [training.resolved_config(tiny(
+        data_dir, 'run.trackers=["tensorboard"]', f"run.seed={seed}", "run.steps=10",
+        "run.log_every=5", "run.eval_every=10", "eval.train_sequences=32",
+        "eval.batch_size=32")) for seed in (0, 1)]
+    dirs = new_run_dirs(cfgs, tmp_path, "stacked")
+    assert training.train_runs(cfgs, dirs, live=False).step == 10
+    views = [read_tensorboard(d / tracking.TB_DIR)[0] for d in dirs]
+    assert views[0] == expected(dirs[0]) and views[1] == expected(dirs[1])
+    assert views[0]["train/loss"] != views[1]["train/loss"]  # two runs, not one twice
