@@ -168,7 +168,8 @@ def read_config_file(path: Path, overrides: list[str] | None = None) -> config_m
     again = "restore it, or start the run again in a new folder"
     if signed and hashlib.sha256(body.encode()).hexdigest() != signed.group(1):
         raise EiclError(f"{path} is damaged: it differs from what eicl wrote (its checksum does "
-                        f"not match: cut short or edited by hand); {again}")
+                        f"not match: cut short or edited by hand); {again} (a resume takes "
+                        "new settings from --set, not from an edited file)")
     try:
         raw = tomllib.loads(body if signed else text)
     except tomllib.TOMLDecodeError as e:

@@ -404,7 +404,8 @@ def test_a_run_whose_config_is_cut_short_is_left_out_not_shown_as_fresh(
     assert res.stderr.strip() == (f"warning: left out {damaged}: {damaged / 'config.toml'} is "
                                   "damaged: it differs from what eicl wrote (its checksum does "
                                   "not match: cut short or edited by hand); restore it, or start "
-                                  "the run again in a new folder")
+                                  "the run again in a new folder (a resume takes new settings "
+                                  "from --set, not from an edited file)")
     rows = json.loads(res.stdout)["rows"]
     row = next(r for r in rows if str(damaged) not in r["runs"] and len(r["runs"]) == 1)
     assert row["expected_runs"] == 2 and "1 damaged, left out" in row["notes"]
