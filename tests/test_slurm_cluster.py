@@ -217,9 +217,15 @@ def test_submitit_array(slurm_cluster, tmp_path):
     report("submitit map_array of 3 to results", time.monotonic() - t0)
     main = jobs[0].job_id.split("_")[0]
     assert [j.job_id for j in jobs] == [f"{main}_{i}" for i in range(3)]
-    # job.state is the watcher's cached sacct (it was still PENDING here):
-    # get_info() asks sacct now.
-    assert {j.get_info()["State"] for j in jobs} == {"COMPLETED"}
+    # job.state is the watcher's cached sacct (it was still PENDING here);
+    # get_info() asks sacct now, but sacct (slurmdbd) may lag the result
+    # files by a moment and show nothing ({}) or an older state.
+    wait_until(
+        "sacct: COMPLETED",
+        lambda: {j.get_info().get("State") for j in jobs} == {"COMPLETED"},
+        15,
+        every=0.5,
+    )
     # A folder with %j: one per array task, "<array>_<task>", logs named
     # "<array>_<task>_<rank>_log.out"; the sbatch script goes in "<array>/".
     assert jobs[0].paths.stdout == tmp_path / f"{main}_0" / f"{main}_0_0_log.out"
