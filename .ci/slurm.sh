@@ -15,6 +15,7 @@
 # packages' own /etc/munge/munge.key is not read either; DIR gets a new key).
 # On failure the last line on stderr is `slurm.sh: <what> failed: <last log
 # line>`, which tests/slurm_cluster.py shows as its skip reason.
+# SLURM_SH_KEEP=1 (debugging): on a failed start, leave the daemons running.
 # See docs/slurm-testing.md.
 set -euo pipefail
 
