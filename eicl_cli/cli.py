@@ -269,6 +269,10 @@ def report(
     separate: Annotated[bool, typer.Option(
         "--separate", help="One row per sweep point and per run folder, even where runs "
                            "of different folders differ only in seed.")] = False,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        "--tensorboard", metavar="DIR",
+        help="Export the runs' metrics to TensorBoard event files in DIR/<run> (for "
+             "runs trained without run.trackers) instead of printing a table.")] = None,
 ) -> None:
     """Tables and plots of IWL vs ICL for runs and sweeps.
 
@@ -277,6 +281,14 @@ def report(
     from . import display, report as report_mod
     if json_ and csv_:
         raise EiclError("--json and --csv: choose one output format")
+    if tensorboard is not None:
+        from . import tracking
+        if not paths:
+            raise EiclError("give at least one run folder or sweep folder")
+        for run, dest, n in tracking.export_paths(paths, tensorboard):
+            display.info(f"{run}: {n} records -> {dest}")
+        display.info(f"view them with: tensorboard --logdir {tensorboard}")
+        return
     rows, keys = report_mod.collect(paths, pool=not separate, warn=display.warn)
     metric = "accuracy_closed" if closed else "accuracy_query"
     if plot is not None:

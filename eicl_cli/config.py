@@ -53,6 +53,8 @@ DTYPES = ("float32", "bfloat16")
 OMNIGLOT_CLASSES = {"train": 964, "test": 659, "all": 1623}
 OMNIGLOT_DRAWERS = 20
 AUGMENT_FACTOR = 8
+# Experiment trackers a run can also log to (eicl_cli/tracking.py).
+TRACKERS = ("tensorboard", "wandb")
 
 
 # Every field carries its description (and, where validation limits it, its
@@ -330,6 +332,14 @@ class RunConfig:
     name: str = _knob(
         "", "Run folder name; empty = the config file's name and the time.",
         "one folder name: no `/` or `\\`, not `.` or `..`")
+    trackers: list[str] = _knob(
+        [], "Experiment trackers that also show the run's metrics.jsonl records "
+        "(docs/usage.md, Tracking); each needs its extra, e.g. `pip install "
+        "'eicl[tensorboard]'`.", "list of: " + ", ".join(TRACKERS))
+    wandb_project: str = _knob(
+        "", "Weights & Biases project; empty = $WANDB_PROJECT, else `eicl`.")
+    wandb_entity: str = _knob(
+        "", "Weights & Biases entity (user or team); empty = $WANDB_ENTITY or your default.")
 
 
 @dataclass(frozen=True)
@@ -782,6 +792,8 @@ def validate(cfg: Config) -> None:
                           f"or --out to put the run elsewhere")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _at_least(f"run.{name}", getattr(r, name), 1)
+    for t in r.trackers:
+        _choice("run.trackers entry", t, TRACKERS)
 
 
 def field_docs() -> list[tuple[str, str, Any]]:

@@ -14,9 +14,11 @@ from typing import Any
 from . import config as config_mod
 from .config import Config
 
-# Where a run writes and which cache file it read: never what it computes.
+# Where a run writes, which cache file it read and which trackers show it:
+# never what it computes.
 BOOKKEEPING_KEYS = frozenset({
     "run.name", "run.out_dir", "data.data_dir", "data.cache_file", "data.cache_sha256",
+    "run.trackers", "run.wandb_project", "run.wandb_entity",
 })
 
 # How the step is compiled and called, not what it computes.
@@ -34,6 +36,7 @@ SAME_EXPERIMENT_KEYS = BOOKKEEPING_KEYS | EXECUTION_KEYS | {"run.seed"}
 # data.data_dir is not among them: a stack loads one data cache for all.
 STACKABLE_KEYS = frozenset({
     "run.seed", "run.name", "run.out_dir",
+    "run.trackers", "run.wandb_project", "run.wandb_entity",
     "data.cache_file", "data.cache_sha256",
     "classes.split_seed", "classes.zipf_exponent", "classes.use_zipf_for_common_rare",
     "sequences.p_bursty", "sequences.p_bursty_common", "sequences.p_bursty_zipfian",

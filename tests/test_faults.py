@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 35's fault campaign): eval beside a trainer
+"""Faults and bad input an independent fault campaign found: eval beside a trainer
 that prunes, a damaged or foreign config or checkpoint, files that are not
 UTF-8 or are folders, a full disk, an out-of-memory model, a start killed
 before its config was written, and steps past 10^8. Each gives one line

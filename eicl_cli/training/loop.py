@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import checkpoint, display, environment, runs
+from .. import checkpoint, display, environment, runs, tracking
 from .. import config as config_mod
 from ..config import Config
 from ..errors import EiclError, first_line
@@ -162,6 +162,8 @@ def train_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool = False
     that writes the runs holds their locks throughout: a second trainer is
     refused. `dataset` saves loading it again when the caller has it."""
     writer = is_writer()  # only process 0 of a multi-host run writes run files
+    if writer:
+        tracking.check_installed(cfgs)
     with contextlib.ExitStack() as held:
         if writer:
             for run_dir in run_dirs:
@@ -252,6 +254,12 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
     def now(i: int) -> float:
         return elapsed[i] + time.perf_counter() - t0
 
+    def emit(i: int, record: dict) -> None:
+        # metrics.jsonl first: it is the record, the trackers only show it.
+        runs.append_metrics(run_dirs[i], record)
+        for tracker in trackers[i]:
+            tracker.log(record)
+
     def who(i: int) -> str:
         return f"{names[i]}: " if stacked else ""
 
@@ -279,7 +287,7 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
             took, at = time.perf_counter() - started, round(now(i), 3)
             if writer:
                 for mode, m in results.items():
-                    runs.append_metrics(run_dir, {
+                    emit(i, {
                         "kind": "eval", "step": step, "mode": mode, "time": at,
                         **m, "sequences_per_s": m["sequences"] / max(took, 1e-9)})
             if stacked:
@@ -299,7 +307,7 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
                     "optimizer.max_lr)")
             records.append(train_record(cfg, sums, done, now(i), sps, lr))
             if writer:
-                runs.append_metrics(run_dirs[i], records[-1])
+                emit(i, records[-1])
         view.log(done, float(np.mean([rec["loss"] for rec in records])),
                  float(np.mean([rec["accuracy_query"] for rec in records])), sps, lr)
 
@@ -312,11 +320,19 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
         if done % r.eval_every == 0 or done == total:
             evaluate(done)
 
-    with Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
-        done = run_steps(trainer, start, total,
-                         intervals=(r.log_every, r.eval_every, r.checkpoint_every),
-                         on_log=log, on_step=at_step, stop=lambda: interrupt.requested)
-        if done < total:
-            save(done)
-            return Outcome(done, "interrupted")
-    return Outcome(total, "finished")
+    trackers: list[list[tracking.Tracker]] = [[] for _ in cfgs]
+    try:
+        if writer:
+            for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+                trackers[i] = tracking.open_trackers(cfg, run_dir, start)
+        with Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
+            done = run_steps(trainer, start, total,
+                             intervals=(r.log_every, r.eval_every, r.checkpoint_every),
+                             on_log=log, on_step=at_step, stop=lambda: interrupt.requested)
+            if done < total:
+                save(done)
+                return Outcome(done, "interrupted")
+        return Outcome(total, "finished")
+    finally:
+        for opened in trackers:
+            tracking.close_all(opened)
