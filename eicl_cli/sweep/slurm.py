@@ -197,7 +197,7 @@ def _slurm(*args: str, timeout: float = 60) -> str:
     return p.stdout
 
 
-def _expand(job_id: str) -> list[str]:
+def expand_job_ids(job_id: str) -> list[str]:
     """'123_[0-3,7%2]' (an array's unstarted tasks in sacct) -> 123_0 ... 123_7."""
     m = re.fullmatch(r"(\d+)_\[([^\]]*)\]", job_id)
     if not m:
@@ -220,7 +220,7 @@ def cluster_states(job_ids: list[str]) -> dict[str, str]:
     out = _slurm("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays))
     for line in out.splitlines():
         jid, _, state = line.partition("|")
-        for one in _expand(jid.strip()):
+        for one in expand_job_ids(jid.strip()):
             found[one] = state.split()[0] if state.strip() else "UNKNOWN"
     out = _slurm("squeue", "-h", "-r", "-o", "%i|%T", "-u", getpass.getuser())
     for line in out.splitlines():
