@@ -214,12 +214,36 @@ def sweep(
         "--steps-per-s", metavar="FLOAT", help="With --dry-run: cost the runs at this many "
         "training steps per second (of a K-stack step with --stack K), e.g. `eicl bench`'s "
         "figure for a GPU; default: measured here on the default device.")] = None,
+    launcher: Annotated[str, typer.Option(
+        "--launcher", metavar="NAME", help="local: processes on this machine; slurm: one Slurm "
+        "job array through submitit (needs eicl[slurm]; the sweep folder on a shared "
+        "filesystem).")] = "local",
+    slurm: Annotated[Optional[list[str]], typer.Option(
+        "--slurm", metavar="KEY=VALUE", help="Override a [slurm] setting of the sweep file "
+        "(partition, account, qos, time, gpus, cpus, mem, constraint, array_parallelism, "
+        "sbatch, setup). Repeatable.")] = None,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Show each run's Slurm task, its state and progress; submit nothing.")] = False,
+    cancel: Annotated[bool, typer.Option(
+        "--cancel", help="Cancel the sweep's queued and running Slurm tasks; checkpoints stay.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --status: print JSON.")] = False,
 ) -> None:
     """Run a grid of configs (a paper figure), resumably.
 
     Finished runs are skipped, interrupted ones resumed, failed ones retried."""
     from . import display, sweep as sweep_mod
     spec, sweep_runs, folder = sweep_mod.prepare(sweep_file, out, set_ or [])
+    if launcher not in ("local", "slurm"):
+        raise EiclError(f"--launcher {launcher!r}: must be local or slurm")
+    if json_out and not status:
+        raise EiclError("--json only applies to --status")
+    if slurm and launcher != "slurm":
+        raise EiclError("--slurm only applies to --launcher slurm")
+    if status or cancel or launcher == "slurm":
+        from .sweep import slurm_cli
+        slurm_cli.run(spec, sweep_runs, folder, slurm or [], stack=stack, dry_run=dry_run,
+                      status=status, cancel=cancel, json_out=json_out, steps_per_s=steps_per_s)
+        return
     if jobs < 1:
         raise EiclError(f"--jobs {jobs}: must be at least 1")
     if stack < 1:

@@ -548,7 +548,7 @@ def coerce_value(key: str, value: Any) -> Any:
 
 # The top-level keys of a sweep file (sweep.py) besides `base`, which a
 # config has too: a config holding one is a sweep file given as a config.
-SWEEP_KEYS = ("description", "seeds", "set", "grid", "zip")
+SWEEP_KEYS = ("description", "seeds", "set", "grid", "zip", "slurm")
 
 
 def from_dict(raw: dict) -> Config:

@@ -323,6 +323,70 @@ def print_sweep_cost(cost) -> None:
     console.print(sweep_cost_table(cost))
 
 
+_SLURM_STYLE = {"pending": "dim", "submitted": "dim", "running": "bold yellow",
+                "requeued": "magenta", "done": "green", "failed": "bold red",
+                "timed out": "bold red", "cancelled": "red", "not submitted": "dim"}
+
+
+def slurm_status_table(rows: list, keys: list[str], title: str):
+    """`eicl sweep --status`: per run its array task, the cluster's state,
+    progress, latest ICL/IWL, steps/s; a failed task's error and log below.
+
+    rows: sweep.slurm.TaskStatus objects; keys: the swept keys."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .sweep.spec import format_value
+    table = Table(title=title, title_justify="left")
+    shorts = [k.split(".", 1)[-1] for k in keys]
+    for k, s in zip(keys, shorts):
+        table.add_column(s if shorts.count(s) == 1 else k, overflow="fold")
+    for name, justify in (("seed", "right"), ("job", "left"), ("state", "left"),
+                          ("step", "right"), ("ICL", "right"), ("IWL", "right"),
+                          ("steps/s", "right")):
+        table.add_column(name, justify=justify, no_wrap=name in ("job", "state"))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+        table.add_row(*[Text(format_value(r.values.get(k, ""))) for k in keys], str(r.seed),
+                      r.job_id or "-", Text(r.state, style=_SLURM_STYLE.get(r.state, "")),
+                      f"{r.step if r.step is not None else '-'}/{r.steps}",
+                      _fmt(r.icl), _fmt(r.iwl),
+                      f"{r.steps_per_s:.3g}" if r.steps_per_s is not None else "-")
+    notes = [", ".join(f"{n} {s}" for s, n in counts.items()) + "."]
+    for r in rows:
+        if r.error:
+            notes.append(f"{r.name}: {r.error} (log {r.log or r.slurm_log})")
+    table.caption = Text("\n".join(notes))  # error lines are shown as they are, not as markup
+    table.caption_justify = "left"
+    return table
+
+
+def print_slurm_status(rows: list, keys: list[str], title: str) -> None:
+    console.print(slurm_status_table(rows, keys, title))
+
+
+def print_slurm_plan(tasks: list, parameters: dict, title: str) -> None:
+    """A Slurm dry run: the array's tasks, what each trains, and the sbatch
+    settings (submitit's parameters) it would be submitted with."""
+    from rich import box
+    from rich.table import Table
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("task", justify="right")
+    t.add_column("runs", overflow="fold")
+    t.add_column("command", overflow="fold")
+    for task in tasks:
+        t.add_row(str(task.index), ", ".join(task.runs), " ".join(task.command))
+    console.print(t)
+    s = Table(title="sbatch settings (submitit parameters)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    s.add_column("parameter", no_wrap=True)
+    s.add_column("value", overflow="fold")
+    for key, value in parameters.items():
+        s.add_row(key, str(value))
+    console.print(s)
+
+
 class SweepDisplay:
     """Live sweep table on a terminal; on other outputs one line per event."""
 

@@ -103,7 +103,7 @@ def plan_tasks(sweep_dir: Path, todo: list[tuple[str, str]],
     return tasks
 
 
-def _prepare_fresh(run_dir: Path) -> None:
+def prepare_fresh(run_dir: Path) -> None:
     """A run killed before it wrote its config holds at most empty folders:
     clear them so `eicl train --out` finds the folder empty."""
     if not run_dir.exists():
@@ -161,7 +161,7 @@ def run_sweep(sweep_dir: Path, manifest: dict, jobs: int,
         for name, st in todo:
             state[name] = {"state": st, "attempts": state.get(name, {}).get("attempts", 0)}
             if not runs.is_run_dir(sweep_dir / name):
-                _prepare_fresh(sweep_dir / name)
+                prepare_fresh(sweep_dir / name)
         write_state(sweep_dir, state)
         queue = (plan_stacked_tasks(sweep_dir, todo, manifest, stack) if stack > 1
                  else plan_tasks(sweep_dir, todo, command))

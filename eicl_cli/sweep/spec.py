@@ -18,6 +18,9 @@ A sweep file is TOML::
     "classes.n_holdout" = [10, 10]
     label = ["small", "paper"]               # optional: names the zipped tuples
 
+    [slurm]                                  # optional: for --launcher slurm
+    partition = "gpu"                        # (slurm_settings.py lists the keys)
+
 Keys are `section.key` config keys, quoted (unquoted dotted keys are read the
 same way). Every key is checked against the config, and the config of every
 point is built and validated, before anything runs. A point's name is made of
@@ -31,12 +34,13 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
 from ..errors import EiclError
+from . import slurm_settings
 
 _TOP_KEYS = ("base", *config_mod.SWEEP_KEYS)
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
@@ -53,6 +57,7 @@ class SweepSpec:
     grid: dict[str, list]
     zip: dict[str, list]
     zip_label: list[str] | None
+    slurm: dict[str, Any] = field(default_factory=dict)  # the [slurm] table, checked
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not tables["grid"] and not tables["zip"] and len(seeds or []) < 2:
         raise EiclError(f"{path}: the grid is empty; give [grid] \"section.key\" = [values...] "
                         "(or [zip], or two or more seeds)")
+    slurm = slurm_settings.check_table(str(path), raw.get("slurm", {}))
     return SweepSpec(path=path, description=description, base_raw=base_raw, seeds=seeds,
                      set=tables["set"], grid=tables["grid"], zip=tables["zip"],
-                     zip_label=zip_label)
+                     zip_label=zip_label, slurm=slurm)
 
 
 def _normalised(key: str, value: Any) -> Any:
