@@ -1,7 +1,8 @@
 """`eicl sweep --launcher slurm`: the [slurm] settings, the dry run, and,
 against the real test cluster (tests/slurm_cluster.py), a tiny sweep as one
 job array equal to the local launcher's, a preempted task that resumes
-bit-exactly, and a failed task shown with its error and resubmitted alone."""
+bit-exactly, a failed task shown with its error and resubmitted alone, and
+two submissions at once of a stacked sweep training each point once."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from eicl_cli.cli import app
 from eicl_cli.errors import EiclError
 from eicl_cli.sweep import slurm, slurm_settings
 from slurm_cluster import slurm_cluster  # noqa: F401 (fixture)
-from train_support import TINY, eicl, tensors, tiny_sweep_file
+from train_support import TINY, eicl, tensors
 
 
 def _sweep_file(path: Path, slurm_table: str = "", steps: int = 40) -> Path:
@@ -203,3 +204,37 @@ def test_failed_task_shown_and_resubmitted_alone(slurm_cluster, cancel_leftovers
     res = eicl("sweep", str(f), "--out", str(out), "--launcher", "slurm", data_dir=data_dir)
     assert "1 task(s) (1 run(s)); 1 finished" in res.stdout + res.stderr, res.stderr
     assert slurm.read_record(out)[bad.name]["job_id"] != slurm.read_record(out)[good.name]["job_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_submissions_at_once_train_each_point_once_and_stacks_are_tasks(
+        slurm_cluster, cancel_leftovers, data_dir: Path, tmp_path: Path) -> None:
+    """Two `eicl sweep --launcher slurm --stack 2` started together: one
+    submits (two tasks of two stacked runs each), the other is refused by the
+    sweep lock or finds everything queued; every run is trained once."""
+    import os
+    import subprocess
+    f = _sweep_file(tmp_path / "s.toml", "[slurm]\ntime = 5\ncpus = 1\n")
+    out = tmp_path / "slurm"
+    cancel_leftovers.append(out)
+    env = {**os.environ, "EICL_DATA_DIR": str(data_dir)}
+    args = [sys.executable, "-m", "eicl_cli", "sweep", str(f), "--out", str(out),
+            "--launcher", "slurm", "--stack", "2"]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    texts = [p.communicate(timeout=120)[0] for p in procs]
+    submitted = [t for t in texts if "submitted job array" in t]
+    assert len(submitted) == 1, texts
+    assert "2 task(s) (4 run(s))" in submitted[0], submitted
+    other = next(t for t in texts if t is not submitted[0])
+    assert "in use by" in other or "nothing to submit" in other, other
+    rows = _wait("all tasks ended", lambda: _settled(out), 300)
+    assert [r.state for r in rows] == ["done"] * 4, [(r.state, r.error) for r in rows]
+    assert len({r.job_id for r in rows}) == 2  # two stacked tasks
+    for r in rows:
+        log = out / "logs" / f"{r.name}.log"
+        logs = [log] if log.is_file() else list((out / "logs").glob("*.log"))
+        starts = [l for p in logs for l in p.read_text().splitlines()
+                  if l.startswith("=== ") and r.name in l]
+        assert len(starts) == 1, (r.name, starts)  # trained once, by one task
