@@ -208,7 +208,9 @@ ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 $node RealMemory=$mem NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+# OverSubscribe: up to 4 jobs share a CPU, so that tests running side by side
+# (two pytest workers) do not wait for each other's jobs on a 2-CPU node.
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP PriorityTier=1 OverSubscribe=FORCE:4
 # A higher tier on the same node: a job here preempts (requeues) debug jobs.
 PartitionName=urgent Nodes=$host Default=NO MaxTime=INFINITE State=UP PriorityTier=2
 EOF

@@ -20,14 +20,6 @@ from pathlib import Path
 from .errors import EiclError
 
 
-def temp_path(path: Path) -> Path:
-    """Where an atomic write of `path` puts its bytes before the rename.
-    A process killed mid-write leaves it; runs.remove_stale_temp_files
-    finds a checkpoint's by this name."""
-    path = Path(path)
-    return path.with_name(path.name + ".tmp")
-
-
 def reason(e: OSError) -> str:
     """Why a read or write failed, for a one-line message."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -70,27 +62,21 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, shared: bool = False) -> None:
-    """Write to a temporary name, fsync, rename: readers never see half a
-    file, and a failed write leaves neither half a file nor its temporary.
-
-    `shared`: several processes may write this file at once (two
-    `prepare-data` on a lab's data folder), so the temporary name is unique
-    to this write instead of temp_path(path), and the file gets the mode an
-    ordinary open() would give it."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, rename: readers never
+    see half a file, and a failed write leaves neither half a file nor its
+    temporary. The temporary name is unique to this write (`.NAME.*.tmp`,
+    which runs.remove_stale_temp_files finds), so two processes writing one
+    file at once (two `prepare-data` on a lab's data folder, two sweeps
+    started together) never write into each other's bytes; the file gets the
+    mode an ordinary open() would give it."""
     path = Path(path)
     tmp: Path | None = None
     try:
-        if shared:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            tmp = Path(name)
-            os.fchmod(fd, 0o666 & ~_umask())
-            f = os.fdopen(fd, "wb")
-        else:
-            tmp = temp_path(path)
-            f = open(tmp, "wb")
-        with f:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

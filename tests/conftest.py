@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import slurm_cluster  # noqa: F401 (the Slurm tests' session fixture)
 from train_support import make_synthetic_cache
 
 

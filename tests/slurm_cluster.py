@@ -109,3 +109,16 @@ def slurm_cluster():
             shutil.rmtree(d, ignore_errors=True)
         else:  # keep the logs
             print(f"slurm_cluster: stop failed (logs kept in {d}): {_last_line(p.stderr)}")
+
+
+def wait_until(what: str, predicate, timeout: float, every: float = 0.2):
+    """predicate()'s first true value, polled every `every` s; an
+    AssertionError naming `what` after `timeout` s."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(every)

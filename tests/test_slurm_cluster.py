@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
+from slurm_cluster import SlurmCluster, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,17 +33,6 @@ def sacct(cluster: SlurmCluster, job: str, *more: str) -> list[dict[str, str]]:
     out = cluster.run("sacct", "-X", "-n", "-P", "-j", job, "-o", fields, *more)
     names = fields.split(",")
     return [dict(zip(names, line.split("|"))) for line in out.splitlines() if line]
-
-
-def wait_until(what: str, predicate, timeout: float, every: float = 0.2):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(every)
 
 
 def states(cluster: SlurmCluster, job: str) -> list[str]:
@@ -68,7 +57,12 @@ def restarts(cluster: SlurmCluster, job: str) -> int:
 
 
 def queued(cluster: SlurmCluster) -> set[str]:
-    return set(cluster.run("squeue", "-h", "-o", "%F").split())
+    """This module's queued jobs: not the `eicl-*` job arrays that the
+    launcher's tests (tests/test_sweep_slurm.py) may be running beside it on
+    the other pytest worker."""
+    lines = cluster.run("squeue", "-h", "-o", "%F %j").splitlines()
+    return {job for job, _, name in (line.partition(" ") for line in lines)
+            if not name.startswith("eicl-")}
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from eicl_cli import runs, sweep
 from eicl_cli.cli import app
 from eicl_cli.errors import EiclError
 from eicl_cli.sweep import slurm, slurm_settings
-from slurm_cluster import slurm_cluster  # noqa: F401 (fixture)
+from slurm_cluster import wait_until
 from train_support import TINY, eicl, tensors
 
 
@@ -93,17 +93,6 @@ def test_dry_run_shows_array_settings_and_gpu_hours(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- real cluster
 
-def _wait(what: str, predicate, timeout: float, every: float = 1.0):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(every)
-
-
 def _settled(out: Path) -> list:
     """The statuses once no task is queued or running any more."""
     rows = slurm.task_statuses(out)
@@ -133,7 +122,7 @@ def test_array_equals_local_sweep(slurm_cluster, cancel_leftovers, data_dir: Pat
     assert "submitted job array" in res.stdout + res.stderr
     again = eicl("sweep", str(f), "--out", str(out), "--launcher", "slurm", data_dir=data_dir)
     assert "nothing to submit: 0 run(s) finished, 4 queued or running" in again.stdout + again.stderr
-    rows = _wait("all tasks ended", lambda: _settled(out), 300)
+    rows = wait_until("all tasks ended", lambda: _settled(out), 300, every=1.0)
     assert [r.state for r in rows] == ["done"] * 4, [(r.state, r.error) for r in rows]
     assert len({r.job_id.split("_")[0] for r in rows}) == 1  # one array
     print(f"4-task array to done: {time.monotonic() - t0:.1f} s")
@@ -164,11 +153,11 @@ def test_preempted_task_resumes_bit_exactly(slurm_cluster, cancel_leftovers, dat
     assert res.returncode == 0, res.stderr
     name = sweep.read_manifest(out)["runs"][0]["name"]
     entry = slurm.read_record(out)[name]
-    _wait("a checkpoint of the first run", lambda: (sweep.run_progress(out / name) or 0) >= 10
+    wait_until("a checkpoint of the first run", lambda: (sweep.run_progress(out / name) or 0) >= 10
           and not sweep.is_finished(out / name, steps), 120, every=0.2)
     job = submitit.SlurmJob(folder=Path(entry["stdout"]).parent, job_id=entry["job_id"])
     job._interrupt()  # submitit's simulated preemption: SIGTERM, then its USR2
-    rows = _wait("all tasks ended", lambda: _settled(out), 400)
+    rows = wait_until("all tasks ended", lambda: _settled(out), 400, every=1.0)
     assert [r.state for r in rows] == ["done"] * 4, [(r.state, r.error) for r in rows]
     tries = [l for l in (out / "logs" / f"{name}.log").read_text().splitlines()
              if l.startswith("=== ")]
@@ -194,7 +183,7 @@ def test_failed_task_shown_and_resubmitted_alone(slurm_cluster, cancel_leftovers
     cancel_leftovers.append(out)
     res = eicl("sweep", str(f), "--out", str(out), "--launcher", "slurm", data_dir=data_dir)
     assert res.returncode == 0, res.stderr
-    rows = _wait("all tasks ended", lambda: _settled(out), 300)
+    rows = wait_until("all tasks ended", lambda: _settled(out), 300, every=1.0)
     good, bad = rows
     assert good.state == "done" and bad.state == "failed", [(r.state, r.error) for r in rows]
     assert bad.error and bad.error.startswith("error:") and bad.log
@@ -229,7 +218,7 @@ def test_two_submissions_at_once_train_each_point_once_and_stacks_are_tasks(
     assert "2 task(s) (4 run(s))" in submitted[0], submitted
     other = next(t for t in texts if t is not submitted[0])
     assert "in use by" in other or "nothing to submit" in other, other
-    rows = _wait("all tasks ended", lambda: _settled(out), 300)
+    rows = wait_until("all tasks ended", lambda: _settled(out), 300, every=1.0)
     assert [r.state for r in rows] == ["done"] * 4, [(r.state, r.error) for r in rows]
     assert len({r.job_id for r in rows}) == 2  # two stacked tasks
     for r in rows:

@@ -182,7 +182,8 @@ def write_cache(raw: RawSet, path: Path) -> str:
     # of a first serialisation is the digest of the final one.
     meta[CONTENT_KEY] = content_digest(st_save(tensors, metadata=meta))
     data = st_save(tensors, metadata=meta)
-    atomic_write_bytes(Path(path), data, shared=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
 
 
