@@ -15,7 +15,6 @@ Layout in a run folder::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 from . import config as config_mod
 from . import runs
 from .errors import EiclError, first_line
+from .sweep.manifest import is_sweep_dir, read_manifest
 from .eval_modes import ICL_MODE, iwl_mode
 
 TB_DIR = "tb"
@@ -143,7 +143,7 @@ def export_paths(paths: Iterable[Path], out_dir: Path) -> list[tuple[Path, Path,
     for p in map(Path, paths):
         if runs.is_run_dir(p):
             pairs = [(p, Path(out_dir) / p.resolve().name)]
-        elif (p / "manifest.json").is_file():
+        elif is_sweep_dir(p):
             pairs = [(d, Path(out_dir) / p.resolve().name / d.name)
                      for d in sorted(p.iterdir()) if runs.is_run_dir(d)]
         else:
@@ -229,12 +229,11 @@ def sweep_labels(run_dir: Path) -> tuple[str | None, str]:
     """(group, name) of a run: a sweep's run has its sweep file's name as the
     group and its sweep point (the run folder's name) as the name."""
     run_dir = Path(run_dir)
-    manifest = run_dir.parent / "manifest.json"
     group = None
-    if manifest.is_file():
+    if is_sweep_dir(run_dir.parent):
         try:
-            group = Path(json.loads(manifest.read_text())["sweep_file"]).stem
-        except (OSError, ValueError, KeyError, TypeError):
+            group = Path(read_manifest(run_dir.parent)["sweep_file"]).stem
+        except (EiclError, KeyError, TypeError):
             group = run_dir.parent.name
     return group, run_dir.name
 

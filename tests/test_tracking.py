@@ -3,6 +3,7 @@ readers, is metrics.jsonl value for value, across a resume too."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -249,7 +250,9 @@ def test_a_sweep_run_is_grouped_by_its_sweep_file_and_named_by_its_point(tmp_pat
     sweep = tmp_path / "out"
     point = sweep / "p_bursty=0.9__seed=1"
     point.mkdir(parents=True)
-    (sweep / "manifest.json").write_text('{"sweep_file": "/somewhere/burstiness.toml"}')
+    from eicl_cli.sweep.manifest import MANIFEST, MANIFEST_FORMAT
+    (sweep / MANIFEST).write_text(json.dumps(
+        {"format": MANIFEST_FORMAT, "sweep_file": "/somewhere/burstiness.toml", "runs": []}))
     assert tracking.sweep_labels(point) == ("burstiness", "p_bursty=0.9__seed=1")
     alone = tmp_path / "run"
     alone.mkdir()
