@@ -36,6 +36,10 @@ from .files import atomic_write_bytes, reason
 
 FORMAT = "eicl-checkpoint"
 VERSION = "1"
+# The metadata "kind" of a checkpoint kept for training dynamics: the
+# weights evaluation uses (the moving average, if the run keeps one) and the
+# batch-norm state, no optimizer state; it cannot resume a run.
+DYNAMICS = "dynamics"
 
 
 class CheckpointError(EiclError):
@@ -261,6 +265,10 @@ def load(source: Path | Snapshot, *, model: Any, state: Any,
         raise CheckpointMismatch(f"checkpoint {path} has tensor {extra} that the config's model "
                               f"does not have ({len(tensors)} extra in all)")
     return Loaded(model, state, opt_state, int(meta["step"]), meta)
+
+
+def is_dynamics(snapshot: Snapshot) -> bool:
+    return snapshot.metadata.get("kind") == DYNAMICS
 
 
 def is_final(path: Path) -> bool:

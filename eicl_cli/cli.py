@@ -198,6 +198,59 @@ def eval_(
 
 @app.command(cls=Command)
 @user_errors
+def probe(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A transformer run folder.")],
+    step: Annotated[Optional[int], typer.Option(
+        "--step", metavar="STEP", help="Probe the checkpoint of this step (default: the newest).")] = None,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Probe every checkpoint the run kept (run.checkpoint_schedule, "
+        "run.checkpoints_per_decade and the rolling ones), oldest first.")] = False,
+    mode: Annotated[Optional[list[str]], typer.Option(
+        "--mode", "-m", metavar="MODE", help="Eval mode; repeatable (default: the config's eval.modes).")] = None,
+    sequences: Annotated[Optional[int], typer.Option(
+        "--sequences", "-n", metavar="INTEGER",
+        help="Sequences per mode (default: eval.train_sequences, the sets the training "
+             "evaluations used).")] = None,
+    ablation: Annotated[str, typer.Option(
+        "--ablation", metavar="KIND", help="Replace an ablated head's output by its mean over "
+        "the mode's sequences (mean) or by zero (zero).")] = "mean",
+    top: Annotated[int, typer.Option("--top", metavar="K", help="Heads shown in the table and the plot.")] = 8,
+    json_: Annotated[bool, typer.Option("--json", help="Print every number as JSON instead of the tables.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", metavar="FILE.png", help="Heatmaps (layer x head); with --all also the top "
+        "heads' scores over training beside ICL and IWL.")] = None,
+) -> None:
+    """Which attention heads do in-context learning: attention scores and ablations."""
+    import json
+    from . import display, evaluate, probe as probing
+    if step is not None and all_:
+        raise EiclError("give --step or --all, not both")
+    if top < 1:
+        raise EiclError(f"--top {top}: must be at least 1")
+    if mode:
+        evaluate.check_modes(mode)
+    if plot is not None:  # a bad path is refused before the work, not after
+        from .plots import check_png_path
+        check_png_path(plot)
+    results = list(probing.probe_run(run, step=step, every=all_, modes=mode,
+                                     sequences=sequences, ablation=ablation))
+    ranked = [probing.ranked_heads(r) for r in results]
+    if plot is not None:
+        from .plots import plot_probe
+        plot_probe(results, probing.top_heads(results, min(top, 4)), plot,
+                   title=f"eicl probe {run}")
+    if json_:
+        display.print_json(json.dumps({"run": str(run), "checkpoints": [
+            {**r.to_json(), "ranked_heads": rows} for r, rows in zip(results, ranked)]},
+            indent=1))
+        return
+    display.print_probe(results, ranked, top)
+    if plot is not None:
+        display.info(f"wrote {plot}")
+
+
+@app.command(cls=Command)
+@user_errors
 def sweep(
     sweep_file: Annotated[Path, typer.Argument(metavar="SWEEP_FILE", help="Sweep TOML file: base config, seeds, and set / grid / zip tables.")],
     out: Annotated[Optional[Path], typer.Option(

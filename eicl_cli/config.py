@@ -328,6 +328,14 @@ class RunConfig:
     checkpoint_every: int = _knob(5000, "Steps between checkpoints.", ">= 1")
     keep_checkpoints: int = _knob(
         3, "Checkpoints kept; the final one is always kept too.", ">= 1")
+    checkpoint_schedule: list[int] = _knob(
+        [], "Steps at which the model is also kept for training dynamics (`eicl probe "
+        "--all`), in RUN/dynamics/: weights and batch-norm state only, never pruned.",
+        "list of distinct steps >= 1")
+    checkpoints_per_decade: int = _knob(
+        0, "Also keep the model at this many log-spaced steps per decade of training "
+        "(1, 2, 3, 6, 10, 18, 32, ... with 4), in RUN/dynamics/ as `checkpoint_schedule`; "
+        "0 = none.", "0 to 100")
     out_dir: str = _knob("runs", "Folder in which run folders are made.")
     name: str = _knob(
         "", "Run folder name; empty = the config file's name and the time.",
@@ -794,6 +802,29 @@ def validate(cfg: Config) -> None:
         _at_least(f"run.{name}", getattr(r, name), 1)
     for t in r.trackers:
         _choice("run.trackers entry", t, TRACKERS)
+    if not 0 <= r.checkpoints_per_decade <= 100:
+        raise ConfigError(f"run.checkpoints_per_decade = {r.checkpoints_per_decade} is not "
+                          "allowed; allowed: 0 (none) to 100")
+    for step in r.checkpoint_schedule:
+        _at_least("run.checkpoint_schedule entry", step, 1)
+    if len(set(r.checkpoint_schedule)) != len(r.checkpoint_schedule):
+        twice = sorted(x for x in set(r.checkpoint_schedule) if r.checkpoint_schedule.count(x) > 1)
+        raise ConfigError(f"run.checkpoint_schedule lists step {twice[0]} twice; give each "
+                          "step once")
+
+
+def dynamics_steps(r: RunConfig) -> list[int]:
+    """The steps, up to run.steps, at which the model is kept for training
+    dynamics: the explicit schedule and N log-spaced steps per decade
+    (10 ** (k / N) rounded, k = 0, 1, ...), merged and sorted."""
+    steps = {s for s in r.checkpoint_schedule if s <= r.steps}
+    n = r.checkpoints_per_decade
+    if n and r.steps >= 1:
+        k = 0
+        while (step := round(10 ** (k / n))) <= r.steps:
+            steps.add(step)
+            k += 1
+    return sorted(steps)
 
 
 def field_docs() -> list[tuple[str, str, Any]]:

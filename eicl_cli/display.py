@@ -595,3 +595,113 @@ def print_bench_table(results: list[dict]) -> None:
         info("with XLA_FLAGS=" + results[0]["xla_flags"])
     if results[0].get("glibc_tunables"):
         info("with GLIBC_TUNABLES=" + results[0]["glibc_tunables"])
+
+
+# ---------------------------------------------------------------- probe (probe.py)
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def probe_heads_table(result, rows: list[dict], top: int):
+    """The heads that matter most at one checkpoint: their attention scores
+    and what ablating each does to every mode's accuracies."""
+    from rich import box
+    from rich.table import Table
+    modes = result.modes
+    scored = rows[0]["scores_mode"] if rows else ""
+    table = Table(title=f"step {result.step}: the {min(top, len(rows))} heads that matter most "
+                  f"({result.layout} tokens, scores on {scored}, {result.ablation}-ablated)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for name in ("layer", "head"):
+        table.add_column(name, justify="right")
+    for header in ("label→match", "label→other", "image→match", "prev-token"):
+        table.add_column(header, justify="right")
+    for mode, m in modes.items():
+        short = m["role"] or mode
+        table.add_column(f"Δ {short} strict", justify="right")
+        if m["role"] != "IWL":
+            table.add_column(f"Δ {short} closed", justify="right")
+    for row in rows[:top]:
+        cells = [str(row["layer"]), str(row["head"])]
+        cells += [_fmt(row[k]) for k in ("label_match", "label_other", "image_match",
+                                          "previous_token")]
+        for mode, m in modes.items():
+            cells.append(_signed(row[mode]["accuracy_query"]))
+            if m["role"] != "IWL":
+                cells.append(_signed(row[mode]["accuracy_closed"]))
+        table.add_row(*cells)
+    base = "; ".join(
+        f"{(m['role'] or mode)} {mode}: strict {_fmt(m['accuracy']['accuracy_query'])}, "
+        f"closed {_fmt(m['accuracy']['accuracy_closed'])}" for mode, m in modes.items())
+    table.caption = (f"Unablated: {base}. label→match / label→other: the query's attention "
+                     "on context labels of its own label / of others; image→match: on context "
+                     "images of its label; prev-token: each context label's attention on the "
+                     "image before it. Δ: accuracy change with the head ablated. Layers and "
+                     "heads count from 0.")
+    table.caption_justify = "left"
+    return table
+
+
+def probe_layers_table(result):
+    from rich import box
+    from rich.table import Table
+    table = Table(title=f"step {result.step}: each layer's attention ablated",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("layer", justify="right")
+    modes = result.modes
+    for mode, m in modes.items():
+        short = m["role"] or mode
+        table.add_column(f"Δ {short} strict", justify="right")
+        if m["role"] != "IWL":
+            table.add_column(f"Δ {short} closed", justify="right")
+    layers = len(next(iter(modes.values()))["layer_ablated"])
+    for layer in range(layers):
+        cells = [str(layer)]
+        for mode, m in modes.items():
+            for k in ("accuracy_query",) + (("accuracy_closed",) if m["role"] != "IWL" else ()):
+                cells.append(_signed(m["layer_ablated"][layer][k] - m["accuracy"][k]))
+        table.add_row(*cells)
+    return table
+
+
+def probe_steps_table(results: list, ranked: list[list[dict]]):
+    """`eicl probe --all`: one row per checkpoint."""
+    from rich import box
+    from rich.table import Table
+    table = Table(title="over training: accuracies and the most important head",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("step", justify="right")
+    modes = results[0].modes
+    for mode, m in modes.items():
+        short = m["role"] or mode
+        table.add_column(f"{short} strict", justify="right")
+        if m["role"] != "IWL":
+            table.add_column(f"{short} closed", justify="right")
+    for header in ("top head", "label→match", "Δ strict", "seconds"):
+        table.add_column(header, justify="right")
+    for result, rows in zip(results, ranked):
+        cells = [str(result.step)]
+        for mode, m in result.modes.items():
+            cells.append(_fmt(m["accuracy"]["accuracy_query"]))
+            if m["role"] != "IWL":
+                cells.append(_fmt(m["accuracy"]["accuracy_closed"]))
+        top = rows[0]
+        cells += [f"L{top['layer']} H{top['head']}", _fmt(top["label_match"]),
+                  _signed(top[top["scores_mode"]]["accuracy_query"]), f"{result.seconds:.1f}"]
+        table.add_row(*cells)
+    return table
+
+
+def print_probe(results: list, ranked: list[list[dict]], top: int) -> None:
+    """`eicl probe`'s output: over training (several checkpoints), then the
+    last checkpoint's heads and layers."""
+    if len(results) > 1:
+        console.print(probe_steps_table(results, ranked))
+    console.print(probe_heads_table(results[-1], ranked[-1], top))
+    console.print(probe_layers_table(results[-1]))
+    total = sum(r.seconds for r in results)
+    info(f"probed {len(results)} checkpoint{'s' if len(results) != 1 else ''} in {total:.1f} s")

@@ -31,7 +31,9 @@ from .metrics import METRIC_NAMES as METRICS  # the §8 metrics, in display orde
 from .optim import evaluation_model, make_optimizer
 
 
-def _mode_key(seed: int, mode: str) -> jax.Array:
+def mode_key(seed: int, mode: str) -> jax.Array:
+    """The key of `mode`'s fixed evaluation set; batch i draws its inputs
+    and dropout from fold_in(key, i)."""
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(mode.encode()) & 0x7FFFFFFF)
 
 
@@ -65,7 +67,7 @@ def evaluate_modes(model: Any, state: Any, data: DeviceData, generator: Any, mod
     for mode in modes:
         polysemy = polysemy_factor(generator.cfg, mode)
         masks = device_label_masks(generator, mode)
-        base = _mode_key(seed, mode)
+        base = mode_key(seed, mode)
         sums = {k: jnp.zeros((), jnp.float32) for k in METRICS}
         count = 0
         for i, batch in enumerate(generator.eval_batches(mode, n, batch_size)):
@@ -134,6 +136,25 @@ def restore_for_eval(target: Path, dataset_loader=None):
     refused in one line. Each checkpoint is read once, before the data
     loads, so a trainer pruning it meanwhile takes nothing away."""
     from . import display
+    run_dir = resolve_checkpoint(target)
+    load = checkpoint_loader(run_dir, dataset_loader)
+    if run_dir is None:  # one file: its error is the answer
+        return load(Path(target))
+    found = checkpoint.load_newest(lambda: runs.iter_newest_first(run_dir),
+                                   runs.checkpoint_dir(run_dir), display.warn, load)
+    if found is None:  # every one listed was deleted before it could be read
+        raise EiclError(f"run folder {run_dir} has no checkpoints any more "
+                        f"(looked in {runs.checkpoint_dir(run_dir)})")
+    return found
+
+
+def checkpoint_loader(run_dir: Path | None, dataset_loader=None):
+    """A function: checkpoint path -> (Restored, device data, generator), as
+    restore_for_eval returns them. With `run_dir`, each checkpoint must
+    belong to that run. Checkpoints sharing a config share one loaded
+    dataset; a dynamics checkpoint (weights only) loads as well as a
+    resume checkpoint."""
+    from . import display
     from .data.dataset import load_dataset
     from .data.sequences import SequenceGenerator
     from .inputs import device_data
@@ -149,7 +170,6 @@ def restore_for_eval(target: Path, dataset_loader=None):
         return cfg, SequenceGenerator(dataset, cfg), device_data(dataset, cfg), skeleton
 
     prepared: list = []
-    run_dir = resolve_checkpoint(target)
     run_cfg = runs.read_config(run_dir) if run_dir is not None else None
 
     def load(path: Path):
@@ -168,21 +188,14 @@ def restore_for_eval(target: Path, dataset_loader=None):
         # skeleton is abstract (shapes only): nothing is allocated for the
         # Adam moments before the checkpoint's arrive.
         opt_state = None
-        if cfg.train.ema_decay > 0:
+        if cfg.train.ema_decay > 0 and not checkpoint.is_dynamics(snapshot):
             opt_state = jax.eval_shape(make_optimizer(cfg).init,
                                        eqx.filter(model, eqx.is_inexact_array))
         loaded = checkpoint.load(snapshot, model=model, state=state, opt_state=opt_state)
         model = evaluation_model(loaded.model, loaded.opt_state)
         return Restored(cfg, model, loaded.state, loaded.step, path), data, generator
 
-    if run_dir is None:  # one file: its error is the answer
-        return load(Path(target))
-    found = checkpoint.load_newest(lambda: runs.iter_newest_first(run_dir),
-                                   runs.checkpoint_dir(run_dir), display.warn, load)
-    if found is None:  # every one listed was deleted before it could be read
-        raise EiclError(f"run folder {run_dir} has no checkpoints any more "
-                        f"(looked in {runs.checkpoint_dir(run_dir)})")
-    return found
+    return load
 
 
 def check_modes(modes: list[str]) -> None:

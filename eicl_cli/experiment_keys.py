@@ -14,11 +14,12 @@ from typing import Any
 from . import config as config_mod
 from .config import Config
 
-# Where a run writes, which cache file it read and which trackers show it:
-# never what it computes.
+# Where a run writes, which cache file it read, which trackers show it and
+# which extra steps it keeps for dynamics: never what it computes.
 BOOKKEEPING_KEYS = frozenset({
     "run.name", "run.out_dir", "data.data_dir", "data.cache_file", "data.cache_sha256",
     "run.trackers", "run.wandb_project", "run.wandb_entity",
+    "run.checkpoint_schedule", "run.checkpoints_per_decade",
 })
 
 # How the step is compiled and called, not what it computes.

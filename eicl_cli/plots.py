@@ -57,6 +57,15 @@ def _steps_tick(x: float, _pos: int) -> str:
     return f"{x:g}"
 
 
+def check_png_path(path: Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise EiclError(f"--plot {path}: the plot is written as PNG; give a file name ending in .png")
+    if not path.parent.exists():
+        raise EiclError(f"--plot {path}: folder {path.parent} does not exist")
+    return path
+
+
 def plot_curves(rows: list[Row], keys: list[str], path: Path,
                 metric: str = "accuracy_query", title: str = "") -> Path:
     """Write a PNG with an ICL panel and an IWL panel; returns its path.
@@ -65,11 +74,7 @@ def plot_curves(rows: list[Row], keys: list[str], path: Path,
     (strict or closed) dashed in the same colour, since a model that only
     learned to emit one of the context's labels scores well above 0 strict
     but stays at chance closed."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise EiclError(f"--plot {path}: the plot is written as PNG; give a file name ending in .png")
-    if not path.parent.exists():
-        raise EiclError(f"--plot {path}: folder {path.parent} does not exist")
+    path = check_png_path(path)
     rows = [r for r in rows if r.runs]
     if not any(r.curve(w, metric)[0] for r in rows for w in ("ICL", "IWL")):
         raise EiclError("nothing to plot: none of the runs has an evaluation yet")
@@ -134,4 +139,94 @@ def plot_curves(rows: list[Row], keys: list[str], path: Path,
     # right edge of the fixed layout: grow the image to hold it.
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.15)
     runs.atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------- probe
+
+_HEATMAPS = (("label_match", "label attention: query → labels of its label", "viridis"),
+             ("image_match", "match attention: query → images of its label", "viridis"),
+             ("previous_token", "previous-token: label → image before it", "viridis"),
+             ("ablated", "Δ ICL strict with the head ablated", "RdBu"))
+
+
+def plot_probe(results: list, heads: list[tuple[int, int]], path: Path, title: str = "") -> Path:
+    """Heatmaps (layer x head) of the last checkpoint's scores and ablation
+    effect; with several checkpoints, a second row: the `heads`' label
+    attention and ablation effect over training, beside ICL and IWL."""
+    import numpy as np
+    path = check_png_path(path)
+    last = results[-1]
+    modes = last.modes
+    icl = next((m for m in modes if modes[m]["role"] == "ICL"), None) or next(iter(modes))
+    iwl = next((m for m in modes if modes[m]["role"] == "IWL"), None)
+    dynamics = len(results) > 1
+    fig = Figure(figsize=(15, 7.6 if dynamics else 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(2 if dynamics else 1, 4, squeeze=False)
+    m = modes[icl]
+    for ax, (key, heading, cmap) in zip(grid[0], _HEATMAPS):
+        if key == "ablated":
+            base = m["accuracy"]["accuracy_query"]
+            values = np.array([[a["accuracy_query"] - base for a in row]
+                               for row in m["head_ablated"]])
+            bound = max(0.05, float(np.abs(values).max()))
+            limits = {"vmin": -bound, "vmax": bound}
+        elif m["scores"][key] is None:
+            ax.set_axis_off()
+            ax.set_title(heading + " (none)", fontsize=9)
+            continue
+        else:
+            values = np.array(m["scores"][key])
+            limits = {"vmin": 0.0, "vmax": max(0.05, float(values.max()))}
+        image = ax.imshow(values, cmap=cmap, aspect="auto", **limits)
+        layers, n_heads = values.shape
+        for i in range(layers):
+            for j in range(n_heads):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if key != "ablated" and values[i, j] < 0.6 * limits["vmax"]
+                        else "black")
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(layers))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{heading}\nstep {last.step}, {icl}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if dynamics:
+        steps = [max(r.step, 1) for r in results]
+        colours = matplotlib.colormaps["tab10"]
+        ax_att, ax_abl, ax_acc, ax_prev = grid[1]
+        for c, (layer, head) in enumerate(heads):
+            label = f"layer {layer} head {head}"
+            att = [r.modes[icl]["scores"]["label_match"] for r in results]
+            ax_att.plot(steps, [a[layer][head] if a else np.nan for a in att],
+                        color=colours(c), label=label)
+            prev = [r.modes[icl]["scores"]["previous_token"] for r in results]
+            ax_prev.plot(steps, [p[layer][head] if p else np.nan for p in prev],
+                         color=colours(c), label=label)
+            ax_abl.plot(steps, [r.modes[icl]["head_ablated"][layer][head]["accuracy_query"]
+                                - r.modes[icl]["accuracy"]["accuracy_query"] for r in results],
+                        color=colours(c), label=label)
+        for k, style in (("accuracy_query", "-"), ("accuracy_closed", "--")):
+            ax_acc.plot(steps, [r.modes[icl]["accuracy"][k] for r in results], color="tab:blue",
+                        ls=style, label=f"ICL {'strict' if style == '-' else 'closed'}")
+        if iwl:
+            ax_acc.plot(steps, [r.modes[iwl]["accuracy"]["accuracy_query"] for r in results],
+                        color="tab:orange", label=f"IWL ({iwl})")
+        for ax, heading in ((ax_att, "top heads: label attention"),
+                            (ax_abl, "top heads: Δ ICL strict when ablated"),
+                            (ax_acc, "accuracy (unablated)"),
+                            (ax_prev, "top heads: previous-token score")):
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+            ax.set_title(heading, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_formatter(FuncFormatter(_steps_tick))
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    runs.atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -4,7 +4,8 @@ Layout (every other part reads runs through these helpers)::
 
     RUN/config.toml                         the resolved config (config.to_toml)
     RUN/metrics.jsonl                       one JSON object per line, see below
-    RUN/checkpoints/step_00001000.safetensors
+    RUN/checkpoints/step_00001000.safetensors   rolling, for resuming (keep_checkpoints)
+    RUN/dynamics/step_00000562.safetensors      kept for training dynamics, never pruned
     RUN/environment.jsonl                   what each start or resume ran on (environment.py)
     RUN/.train.lock                         host and pid of the process training it
 
@@ -37,6 +38,7 @@ from .locks import FolderLock
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+DYNAMICS_DIR = "dynamics"
 TRAIN_LOCK = ".train.lock"
 ENVIRONMENT_FILE = "environment.jsonl"
 # At least 8 digits: steps from 10^8 on take more, and still match.
@@ -279,9 +281,25 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}.safetensors"
 
 
+def dynamics_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / DYNAMICS_DIR
+
+
+def dynamics_path(run_dir: Path, step: int) -> Path:
+    return dynamics_dir(run_dir) / f"step_{step:08d}.safetensors"
+
+
+def list_dynamics(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints kept for training dynamics, oldest first."""
+    return _list_steps(dynamics_dir(run_dir))
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every finished checkpoint, oldest first (temp files excluded)."""
-    folder = checkpoint_dir(run_dir)
+    return _list_steps(checkpoint_dir(run_dir))
+
+
+def _list_steps(folder: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     found = []
@@ -299,9 +317,9 @@ def iter_newest_first(run_dir: Path) -> Iterator[tuple[int, Path]]:
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     """Delete *.tmp left by a process killed mid-write; returns what was removed."""
     removed = []
-    folder = checkpoint_dir(run_dir)
-    if folder.is_dir():
-        for p in folder.glob("*.tmp"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for folder in (checkpoint_dir(run_dir), dynamics_dir(run_dir)):
+        if folder.is_dir():
+            for p in folder.glob("*.tmp"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed

@@ -19,7 +19,7 @@ from .encoders import Encoder, build_encoder
 from .layers import Dense, LayerNorm, TiedHead, dropout, split
 from .rnn import RNNStack
 from .tokens import LABEL_TABLE_STD, Tokenizer, image_positions
-from .transformer import Transformer
+from .transformer import Intervention, Transformer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -69,9 +69,12 @@ class Model(eqx.Module):
 
     def logits(self, h: jax.Array, labels: jax.Array, *, key: jax.Array | None,
                inference: bool, pos_key: jax.Array | None = None,
-               query_only: bool = False) -> jax.Array:
+               query_only: bool = False, intervene: Intervention | None = None,
+               record: bool = False):
         """One sequence's encoded examples h (L, emb_dim) and labels (L,) ->
-        logits, as __call__ returns them."""
+        logits, as __call__ returns them. A transformer also takes the
+        probe's `intervene` and `record` (Transformer.__call__); with
+        `record` the result is (logits, (attention weights, head outputs))."""
         dtype = _DTYPES[self.compute_dtype]
         if key is not None:
             k_example, k_pos, k_core = jax.random.split(key, 3)
@@ -84,7 +87,12 @@ class Model(eqx.Module):
         h = dropout(k_example, self.example_dropout_prob, h.astype(dtype))
         tokens = self.tokenizer(h, labels, pos_key=pos_key if pos_key is not None else k_pos,
                                 inference=inference)
-        out = self.core(tokens, k_core, inference=inference, dtype=dtype)
+        if record or intervene is not None:
+            out = self.core(tokens, k_core, inference=inference, dtype=dtype,
+                            intervene=intervene, record=record)
+            out, seen = out if record else (out, None)
+        else:
+            out = self.core(tokens, k_core, inference=inference, dtype=dtype)
         positions = image_positions(labels.shape[0], self.tokenizer.concatenate_labels)
         if query_only:
             positions = positions[-1:]
@@ -92,7 +100,7 @@ class Model(eqx.Module):
             logits = self.head(out[positions], self.tokenizer.label_table, dtype)
         else:
             logits = self.head(out[positions], dtype)
-        return logits.astype(jnp.float32)
+        return (logits.astype(jnp.float32), seen) if record else logits.astype(jnp.float32)
 
 
 def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels: jax.Array,
@@ -104,23 +112,33 @@ def forward_batch(model: Model, state: eqx.nn.State, examples: jax.Array, labels
     None is allowed when no dropout is configured (and at evaluation unless
     example dropout is on)."""
     n = labels.shape[0]
+    h, state = model.encode(examples.reshape(-1, *examples.shape[2:]), state,
+                            inference=inference)
+    h = h.reshape(n, -1, *h.shape[1:])
+    return logits_batch(model, h, labels, key=key, inference=inference,
+                        query_only=query_only), state
+
+
+def logits_batch(model: Model, h: jax.Array, labels: jax.Array, *, key: jax.Array | None,
+                 inference: bool, query_only: bool = False,
+                 intervene: Intervention | None = None, record: bool = False):
+    """The batch's encoded examples h (B, L, emb_dim) -> logits as
+    forward_batch returns them, each sequence drawing its dropout as there;
+    `intervene` (shared by every sequence) and `record` as Model.logits, the
+    recorded arrays gaining a leading batch axis."""
+    n = labels.shape[0]
     if key is None:
         pos_key, seq_keys = None, None
     else:
         pos_key, k_seq = jax.random.split(key)
         seq_keys = jax.random.split(k_seq, n)
 
-    h, state = model.encode(examples.reshape(-1, *examples.shape[2:]), state,
-                            inference=inference)
-    h = h.reshape(n, -1, *h.shape[1:])
-
     def one(h, lab, k):
         return model.logits(h, lab, key=k, inference=inference, pos_key=pos_key,
-                            query_only=query_only)
+                            query_only=query_only, intervene=intervene, record=record)
 
-    logits = jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None))(
+    return jax.vmap(one, in_axes=(0, 0, 0 if seq_keys is not None else None))(
         h, labels, seq_keys)
-    return logits, state
 
 
 def default_image_shape(cfg: Config) -> tuple[int, int] | None:

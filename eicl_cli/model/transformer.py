@@ -23,6 +23,9 @@ from .layers import Dense, LayerNorm, dropout, split
 
 _MASKED = -1e10  # the original's additive mask value
 
+# A probe's edit of the attention heads: (scale, fill), see Block.attention.
+Intervention = tuple[jax.Array, jax.Array]
+
 
 def _host_concat(arrays: list[jax.Array], axis: int) -> jax.Array:
     # On the host: eager jnp ops would compile once per shape at build time.
@@ -55,7 +58,13 @@ class Block(eqx.Module):
         self.num_heads = num_heads
         self.dropout_prob = dropout_prob
 
-    def attention(self, x: jax.Array, dtype) -> jax.Array:
+    def attention(self, x: jax.Array, dtype, intervene: Intervention | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(T, E) -> the attention's output (T, E), its weights (H, T, T) and
+        each head's output before the output projection (T, H, D). With
+        `intervene` = (scale (H,), fill (T, H, D)), head h's output becomes
+        scale[h] * output + (1 - scale[h]) * fill[:, h]: scale 0 with a zero
+        fill removes the head, with its mean output mean-ablates it."""
         t, width = x.shape
         head_dim = width // self.num_heads
         q, k, v = jnp.split(self.qkv(x, dtype).reshape(t, 3, self.num_heads, head_dim), 3, axis=1)
@@ -63,15 +72,24 @@ class Block(eqx.Module):
         scores = jnp.einsum("thd,shd->hts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
         causal = jnp.tril(jnp.ones((t, t), bool))
         weights = jax.nn.softmax(jnp.where(causal, scores, _MASKED), axis=-1)
-        mixed = jnp.einsum("hts,shd->thd", weights.astype(dtype), v).reshape(t, width)
-        return self.out(mixed, dtype)
+        heads = jnp.einsum("hts,shd->thd", weights.astype(dtype), v)
+        if intervene is not None:
+            scale, fill = intervene
+            scale = scale.astype(dtype)[None, :, None]
+            heads = scale * heads + (1 - scale) * fill.astype(dtype)
+        return self.out(heads.reshape(t, width), dtype), weights, heads
 
-    def __call__(self, x: jax.Array, key: jax.Array | None, *, inference: bool, dtype):
+    def __call__(self, x: jax.Array, key: jax.Array | None, *, inference: bool, dtype,
+                 intervene: Intervention | None = None, record: bool = False):
+        """(T, E) -> (T, E); with `record`, also (attention weights (H, T, T),
+        head outputs (T, H, D)) for the probe."""
         rate = 0.0 if inference else self.dropout_prob
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        x = x + dropout(k1, rate, self.attention(self.norm_attn(x), dtype))
+        attended, weights, heads = self.attention(self.norm_attn(x), dtype, intervene)
+        x = x + dropout(k1, rate, attended)
         h = jax.nn.gelu(self.mlp_in(self.norm_mlp(x), dtype))
-        return x + dropout(k2, rate, self.mlp_out(h, dtype))
+        x = x + dropout(k2, rate, self.mlp_out(h, dtype))
+        return (x, (weights, heads)) if record else x
 
 
 class Transformer(eqx.Module):
@@ -92,26 +110,34 @@ class Transformer(eqx.Module):
         self.num_layers = num_layers
         self.unroll = unroll
 
-    def __call__(self, x: jax.Array, key: jax.Array | None, *, inference: bool, dtype
-                 ) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None, *, inference: bool, dtype,
+                 intervene: Intervention | None = None, record: bool = False):
+        """(T, E) -> (T, E). For the probe: `intervene` = (scale (layers, H),
+        fill (layers, T, H, D)) edits every layer's heads as Block.attention
+        says, and `record` also returns every layer's attention weights
+        (layers, H, T, T) and head outputs (layers, T, H, D). Neither given,
+        the traced program is the training step's as it always was."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
         needs_key = key is not None and not inference and self.blocks.dropout_prob > 0
         keys = jax.random.split(key, self.num_layers) if needs_key else None
 
         def step(h, layer):
-            block_params, layer_key = layer
+            block_params, layer_key, edit = layer
             block = eqx.combine(block_params, static)
-            return block(h, layer_key, inference=inference, dtype=dtype), None
+            out = block(h, layer_key, inference=inference, dtype=dtype, intervene=edit,
+                        record=record)
+            return out if record else (out, None)
 
         def layers(x, unroll):
-            return jax.lax.scan(step, x, (params, keys), unroll=min(unroll, self.num_layers))[0]
+            return jax.lax.scan(step, x, (params, keys, intervene),
+                                unroll=min(unroll, self.num_layers))
 
         if self.unroll == 0:  # auto: a loop for a CPU, every layer unrolled for a GPU
-            x = jax.lax.platform_dependent(x, cpu=lambda x: layers(x, 1),
-                                           default=lambda x: layers(x, self.num_layers))
+            x, seen = jax.lax.platform_dependent(
+                x, cpu=lambda x: layers(x, 1), default=lambda x: layers(x, self.num_layers))
         else:
-            x = layers(x, self.unroll)
-        return self.final_norm(x)
+            x, seen = layers(x, self.unroll)
+        return (self.final_norm(x), seen) if record else self.final_norm(x)
 
     def block(self, i: int) -> Block:
         """The i-th block, unstacked (for inspection and parameter counts)."""

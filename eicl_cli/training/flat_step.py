@@ -17,7 +17,7 @@ such calls without letting one cross a log, evaluation or checkpoint step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,15 +145,20 @@ def steps_per_call(requested: int, backend: str | None = None) -> int:
     return AUTO_STEPS_PER_CALL.get(backend, AUTO_STEPS_PER_CALL_ACCELERATOR)
 
 
-def call_plan(start: int, total: int, per_call: int, intervals: tuple[int, ...]) -> Iterator[int]:
+def call_plan(start: int, total: int, per_call: int, intervals: tuple[int, ...],
+              points: Sequence[int] = ()) -> Iterator[int]:
     """How many steps each device call runs, from step `start` to `total`:
     `per_call` where that many fit before the next multiple of any of
-    `intervals` (log, evaluation, checkpoint), else single steps up to it.
-    Calls of one size and of one step compile once each; a remainder size
-    would compile again."""
+    `intervals` (log, evaluation, checkpoint) and the next of the sorted
+    `points` (steps kept for dynamics), else single steps up to it. Calls
+    of one size and of one step compile once each; a remainder size would
+    compile again."""
     step = start
+    ahead = [p for p in points if p > start]
     while step < total:
-        bound = min([total] + [(step // i + 1) * i for i in intervals if i > 0])
+        while ahead and ahead[0] <= step:
+            ahead.pop(0)
+        bound = min([total] + [(step // i + 1) * i for i in intervals if i > 0] + ahead[:1])
         n = per_call if per_call > 1 and step + per_call <= bound else 1
         yield n
         step += n

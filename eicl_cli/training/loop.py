@@ -81,17 +81,18 @@ class Interrupt:
 # ---------------------------------------------------------------- the loop
 
 def run_steps(trainer: Trainer, start: int, total: int, *, intervals: tuple[int, ...] = (),
+              points: list[int] | None = None,
               on_log: Callable[[int, float], None] | None = None,
               on_step: Callable[[int], None] | None = None,
               stop: Callable[[], bool] = lambda: False) -> int:
     """Advance the trainer from step `start` to `total` and return the step
     reached. `intervals` = (log, eval, checkpoint every): no device call
-    crosses one of their multiples. At a log step (and the last, or a stop)
+    crosses one of their multiples, nor one of the `points`. At a log step (and the last, or a stop)
     `on_log(done, steps_per_s)` reads the sums; after every call
     `on_step(done)` may checkpoint and evaluate. `stop()` true ends the loop
     after the current call (the caller saves)."""
     log_every = intervals[0] if intervals else 0
-    sizes = call_plan(start, total, trainer.per_call, intervals)
+    sizes = call_plan(start, total, trainer.per_call, intervals, points or ())
     step, n = start, next(sizes, 0)
     batch = trainer.batch(step, n) if n else None
     last_log_step, last_log_time = start, time.perf_counter()
@@ -248,6 +249,7 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
             runs.append_environment(run_dir, env)
 
     r = cfgs[0].run
+    kept = set(config_mod.dynamics_steps(r))
     schedule = learning_rate_schedule(cfgs[0].optimizer, total)
     t0 = time.perf_counter()
 
@@ -275,6 +277,18 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
                                 state=state, opt_state=opt_state, config_toml=tomls[i],
                                 final=final, extra={"elapsed": f"{now(i):.3f}"})
                 checkpoint.prune(runs.list_checkpoints(run_dir), r.keep_checkpoints)
+
+    def keep_for_dynamics(step: int) -> None:
+        # The weights evaluation uses (the moving average, if kept), without the
+        # optimizer state: a third of a resume checkpoint's size under Adam.
+        for i, run_dir in enumerate(run_dirs):
+            model, state, opt_state = trainer.run(i)
+            if writer:
+                runs.make_dir(runs.dynamics_dir(run_dir), "dynamics folder")
+                checkpoint.save(runs.dynamics_path(run_dir, step), step=step,
+                                model=evaluation_model(model, opt_state), state=state,
+                                opt_state=None, config_toml=tomls[i],
+                                extra={"kind": checkpoint.DYNAMICS, "elapsed": f"{now(i):.3f}"})
 
     def evaluate(step: int) -> None:
         for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
@@ -317,6 +331,8 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
             save(done, final=True)
         elif done % r.checkpoint_every == 0:
             save(done)
+        if done in kept:
+            keep_for_dynamics(done)
         if done % r.eval_every == 0 or done == total:
             evaluate(done)
 
@@ -328,6 +344,7 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
         with Interrupt() as interrupt, display.TrainDisplay(total, start, live=live) as view:
             done = run_steps(trainer, start, total,
                              intervals=(r.log_every, r.eval_every, r.checkpoint_every),
+                             points=sorted(kept),
                              on_log=log, on_step=at_step, stop=lambda: interrupt.requested)
             if done < total:
                 save(done)
