@@ -350,6 +350,16 @@ def report(
         "--tensorboard", metavar="DIR",
         help="Export the runs' metrics to TensorBoard event files in DIR/<run> (for "
              "runs trained without run.trackers) instead of printing a table.")] = None,
+    best_by: Annotated[Optional[str], typer.Option(
+        "--best-by", metavar="METRIC",
+        help="Keep only the best point (per --per group) by train_loss (mean over the last "
+             "10% of logged steps), icl_loss or iwl_loss (lower is better), or icl, "
+             "icl_closed or iwl (final accuracy, higher is better); table, JSON, CSV and "
+             "plot show only the kept points.")] = None,
+    per: Annotated[Optional[str], typer.Option(
+        "--per", metavar="KEY",
+        help="With --best-by: keep the best point for each value of this config key "
+             "(section.key, e.g. model.kind) instead of one overall.")] = None,
 ) -> None:
     """Tables and plots of IWL vs ICL for runs and sweeps.
 
@@ -358,6 +368,15 @@ def report(
     from . import display, report as report_mod
     if json_ and csv_:
         raise EiclError("--json and --csv: choose one output format")
+    if per is not None and best_by is None:
+        raise EiclError(f"--per {per} needs --best-by METRIC: which value decides the best point")
+    if best_by is not None:
+        report_mod.criterion(best_by)
+        if per is not None:
+            report_mod.check_per(per)
+        if tensorboard is not None:
+            raise EiclError("--best-by chooses rows of the table; --tensorboard exports every "
+                            "run: give one of them")
     if tensorboard is not None:
         from . import tracking
         if not paths:
@@ -367,17 +386,22 @@ def report(
         display.info(f"view them with: tensorboard --logdir {tensorboard}")
         return
     rows, keys = report_mod.collect(paths, pool=not separate, warn=display.warn)
+    best = None
+    if best_by is not None:
+        best = report_mod.choose_best(rows, keys, best_by, per, warn=display.warn)
+        rows, keys = best.rows, best.keys
+    title = report_mod.title(paths, rows) + (f": {best.heading()}" if best else "")
     metric = "accuracy_closed" if closed else "accuracy_query"
     if plot is not None:
         from . import plots
-        plots.plot_curves(rows, keys, plot, metric=metric, title=report_mod.title(paths, rows))
+        plots.plot_curves(rows, keys, plot, metric=metric, title=title)
     if json_:
-        display.print_json(report_mod.to_json(rows, keys))
+        display.print_json(report_mod.to_json(rows, keys, best))
     elif csv_:
-        display.print_json(report_mod.to_csv(rows, keys).rstrip("\n"))
+        display.print_json(report_mod.to_csv(rows, keys, best).rstrip("\n"))
     else:
-        headers, cells, notes = report_mod.table(rows, keys, metric)
-        display.print_report_table(headers, cells, notes, title=report_mod.title(paths, rows))
+        headers, cells, notes = report_mod.table(rows, keys, metric, best)
+        display.print_report_table(headers, cells, notes, title=title)
         if plot is not None:
             display.info(f"plot written to {plot}")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +31,12 @@ from .experiment_keys import SAME_EXPERIMENT_KEYS, experiment_identity, flat
 from .errors import EiclError
 
 METRICS = ("accuracy_query", "accuracy_closed")
+# The share of a run's logged training steps that its training loss is
+# averaged over when points are compared by it: one record is one log
+# interval's mean, noisy enough to reorder points that train equally well.
+TRAIN_LOSS_TAIL = 0.1
+
+
 @dataclass
 class Curve:
     steps: list[int]
@@ -44,6 +51,14 @@ class Curve:
         i = max(range(len(self.values)), key=lambda j: self.values[j])  # first of ties
         return self.values[i], self.steps[i]
 
+    def tail(self, fraction: float = TRAIN_LOSS_TAIL) -> tuple[float, int] | None:
+        """The mean over the steps from (1 - fraction) x the last step on, with the last step."""
+        if not self.steps:
+            return None
+        last = self.steps[-1]
+        return (statistics.fmean(v for s, v in zip(self.steps, self.values)
+                                 if s >= (1 - fraction) * last), last)
+
 
 @dataclass
 class RunResult:
@@ -53,7 +68,7 @@ class RunResult:
     iwl_mode: str | None
     checkpoint_step: int | None
     last_step: int | None
-    curves: dict[tuple[str, str], Curve]   # (ICL|IWL, metric) -> curve
+    curves: dict[tuple[str, str], Curve]   # (ICL|IWL, metric) or ("train", "loss") -> curve
 
     @property
     def synthetic(self) -> bool:
@@ -92,10 +107,10 @@ def load_run(path: Path) -> RunResult:
     mode = iwl_mode(cfg.eval.modes)
     records = runs.read_metrics(path)
     evals = [r for r in records if r.get("kind") == "eval"]
-    curves = {}
+    curves = {("train", "loss"): _curve([r for r in records if r.get("kind") == "train"], "loss")}
     for which, m in (("ICL", ICL_MODE), ("IWL", mode)):
         recs = [r for r in evals if m and r.get("mode") == m]
-        for metric in METRICS:
+        for metric in (*METRICS, "loss_query"):
             curves[(which, metric)] = _curve(recs, metric)
     all_steps = [r.get("step") for r in records if isinstance(r.get("step"), int)]
     return RunResult(path=path, name=name, config=cfg, iwl_mode=mode, checkpoint_step=progress,
@@ -155,10 +170,11 @@ class Row:
     damaged: int = 0                  # runs left out: their files cannot be read
 
     def stat(self, which: str, metric: str, kind: str) -> Stat | None:
+        """Mean and std over runs of each run's `kind` value: final, best or tail (Curve)."""
         pairs = []
         for r in self.runs:
             c = r.curves[(which, metric)]
-            got = c.final() if kind == "final" else c.best()
+            got = c.final() if kind == "final" else c.best() if kind == "best" else c.tail()
             if got:
                 pairs.append(got)
         return _stat(pairs)
@@ -353,6 +369,160 @@ def _mark(rows: list[Row]) -> None:
             row.notes.append(f"{row.finished_runs}/{row.expected_runs} runs finished")
 
 
+# ---------------------------------------------------------------- tuned points
+
+@dataclass(frozen=True)
+class Criterion:
+    """A value sweep points are compared by (`--best-by`)."""
+    name: str
+    which: str      # whose curve: "train", "ICL" or "IWL"
+    metric: str     # the curve's field in metrics.jsonl
+    kind: str       # Row.stat's kind: "final", or "tail" (mean over the last steps)
+    lower: bool     # lower is better
+    text: str
+
+
+BEST_BY = {c.name: c for c in (
+    Criterion("train_loss", "train", "loss", "tail", True,
+              f"each run's training loss averaged over its last {TRAIN_LOSS_TAIL:.0%} of "
+              "logged steps"),
+    Criterion("icl", "ICL", "accuracy_query", "final", False,
+              f"final ICL strict accuracy: {ICL_MODE} accuracy_query"),
+    Criterion("icl_closed", "ICL", "accuracy_closed", "final", False,
+              f"final ICL closed accuracy: {ICL_MODE} accuracy_closed"),
+    Criterion("iwl", "IWL", "accuracy_query", "final", False,
+              "final IWL strict accuracy: accuracy_query on the run's no_support mode"),
+    Criterion("icl_loss", "ICL", "loss_query", "final", True,
+              f"final {ICL_MODE} loss_query"),
+    Criterion("iwl_loss", "IWL", "loss_query", "final", True,
+              "final loss_query on the run's no_support mode"),
+)}
+
+
+def criterion(name: str) -> Criterion:
+    """The `--best-by` criterion called `name`; a one-line error for any other name."""
+    if name not in BEST_BY:
+        raise EiclError(f"--best-by {name!r} is not allowed; choose one of: {', '.join(BEST_BY)}")
+    return BEST_BY[name]
+
+
+def check_per(key: str) -> None:
+    """Refuse a `--per` key that is not a config key, or one a row pools its runs over."""
+    sweep.check_key("--per", key)
+    if key in SAME_EXPERIMENT_KEYS:
+        raise EiclError(f"--per {key}: one row pools runs that differ in {key} (a seed, where a "
+                        "run writes or how its step is compiled); give a key that changes the "
+                        "experiment, e.g. model.kind")
+
+
+@dataclass
+class Choice:
+    """The row a group keeps."""
+    group: Any          # its value of the --per key (None: no --per, or a model without the key)
+    row: Row
+    value: Stat         # the row's criterion value, over its runs
+    candidates: int     # the group's rows that have a value
+    points: int         # the group's rows
+    unfinished: int     # the candidates' runs not trained to run.steps, unstarted ones included
+
+
+@dataclass
+class Best:
+    """What `choose_best` kept, and how."""
+    criterion: Criterion
+    per: str | None
+    choices: list[Choice]
+    without_value: list[Any]    # groups none of whose rows has a value
+    keys: list[str]             # the report's keys, `per` first
+
+    @property
+    def rows(self) -> list[Row]:
+        return [c.row for c in self.choices]
+
+    def heading(self) -> str:
+        return f"best by {self.criterion.name}" + (f" per {self.per}" if self.per else "")
+
+    def note(self) -> str:
+        """The table's line saying how each group chose, and among how many points."""
+        c = self.criterion
+
+        def among(ch: Choice) -> str:
+            of = f" of {ch.points}" if ch.candidates < ch.points else ""
+            return f"among {ch.candidates}{of} point{'s' if ch.points > 1 else ''}"
+
+        text = (f"One row per {self.per}: the point with the "
+                if self.per else "The point with the ")
+        text += f"{'lowest' if c.lower else 'highest'} {c.name} ({c.text}; mean over seeds)"
+        if self.per:
+            text += ": " + "; ".join(f"{_group_text(ch.group)} {among(ch)}"
+                                     for ch in self.choices)
+        else:
+            text += ", chosen " + among(self.choices[0])
+        if any(ch.candidates < ch.points for ch in self.choices):
+            text += " (the others have no value yet)"
+        unfinished = sum(ch.unfinished for ch in self.choices)
+        if unfinished:
+            text += (f"; {unfinished} of the candidates' runs unfinished, compared at their "
+                     "last logged step")
+        if self.without_value:
+            text += "; no point has a value in " + ", ".join(
+                f"{self.per} = {_group_text(g)}" for g in self.without_value)
+        return text + "."
+
+    def to_dict(self) -> dict:
+        return {"metric": self.criterion.name, "lower_is_better": self.criterion.lower,
+                "rule": self.criterion.text, "per": self.per,
+                "groups_without_value": self.without_value}
+
+
+def _group_text(value: Any) -> str:
+    return "-" if value is None else sweep.format_value(value)
+
+
+def _group_of(row: Row, key: str) -> Any:
+    if row.runs:
+        return flat(row.runs[0].config, used_only=True).get(key)
+    return row.values.get(key)
+
+
+def choose_best(rows: list[Row], keys: list[str], name: str, per: str | None = None,
+                warn: Callable[[str], None] | None = None) -> Best:
+    """Per value of the config key `per` (all rows as one group without it),
+    the row best by BEST_BY[name], ties to the first row. A row without a
+    value (no records yet, or a non-finite one: a run that diverged) cannot
+    be chosen; a row whose runs are unfinished can, at their last logged
+    step. A `per` key every row shares makes one group, with `warn`."""
+    crit = criterion(name)
+    if per is not None:
+        check_per(per)
+    groups: dict[str, tuple[Any, list[Row]]] = {}
+    for row in rows:
+        g = _group_of(row, per) if per else None
+        groups.setdefault(repr(g), (g, []))[1].append(row)  # repr: a list value is no dict key
+    if per and len(groups) == 1 and warn is not None:
+        only = next(iter(groups.values()))[0]
+        warn(f"--per {per}: every point has {per} = {_group_text(only)}; one group")
+    choices, without = [], []
+    for g, members in groups.values():
+        valued = [(r, st) for r in members
+                  if (st := r.stat(crit.which, crit.metric, crit.kind)) is not None
+                  and math.isfinite(st.mean)]
+        if not valued:
+            without.append(g)
+            continue
+        row, value = (min if crit.lower else max)(valued, key=lambda rv: rv[1].mean)
+        if per and g is not None:
+            row.values[per] = g
+        choices.append(Choice(group=g, row=row, value=value, candidates=len(valued),
+                              points=len(members),
+                              unfinished=sum(r.expected_runs - r.finished_runs
+                                             for r, _ in valued)))
+    if not choices:
+        raise EiclError(f"--best-by {name}: no point has a value yet ({crit.text})")
+    shown = ([per] if per else []) + [k for k in keys if k != per]
+    return Best(criterion=crit, per=per, choices=choices, without_value=without, keys=shown)
+
+
 # ---------------------------------------------------------------- outputs
 
 def _steps_text(steps: list[int]) -> str:
@@ -373,9 +543,10 @@ def _stat_text(st: Stat | None, with_step: bool = True) -> str:
     return text
 
 
-def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query"
-          ) -> tuple[list[str], list[list[str]], list[str]]:
-    """(column headers, cells, footnotes) of the report table."""
+def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query",
+          best: Best | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """(column headers, cells, footnotes) of the report table; with `best`,
+    of its chosen rows, each with its criterion value after the keys."""
     other = "accuracy_closed" if metric == "accuracy_query" else "accuracy_query"
     tag = {"accuracy_query": "strict", "accuracy_closed": "closed"}
     show_source = len({r.source for r in rows}) > 1
@@ -434,6 +605,12 @@ def table(rows: list[Row], keys: list[str], metric: str = "accuracy_query"
         notes.append("All runs use synthetic data: demos, not paper numbers.")
     elif any(r.synthetic for r in rows):
         notes.append("Rows marked synthetic data are demos, not paper numbers.")
+    if best is not None:
+        at = headers.index("n")
+        headers.insert(at, best.criterion.name)
+        for line, choice in zip(cells, best.choices):
+            line.insert(at, _stat_text(choice.value, with_step=False))
+        notes.insert(0, best.note())
     return headers, cells, notes
 
 
@@ -441,9 +618,16 @@ def _stat_json(st: Stat | None) -> dict | None:
     return st.to_dict() if st else None
 
 
-def to_json(rows: list[Row], keys: list[str]) -> str:
+def _choice_json(choice: Choice) -> dict:
+    return {"group": choice.group, "value": choice.value.to_dict(),
+            "candidates": choice.candidates, "points": choice.points,
+            "unfinished_runs": choice.unfinished}
+
+
+def to_json(rows: list[Row], keys: list[str], best: Best | None = None) -> str:
+    """The report as JSON; with `best`, of its chosen rows, each with its `choice`."""
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         entry: dict[str, Any] = {
             "source": r.source, "label": r.label, "values": r.values,
             "runs": [str(x.path) for x in r.runs], "expected_runs": r.expected_runs,
@@ -461,11 +645,18 @@ def to_json(rows: list[Row], keys: list[str]) -> str:
                 entry[f"{which.lower()}_{metric}"] = {
                     "final": _stat_json(r.stat(which, metric, "final")),
                     "best": _stat_json(r.stat(which, metric, "best"))}
+        if best is not None:
+            entry["choice"] = _choice_json(best.choices[i])
         out.append(entry)
-    return json.dumps({"swept_keys": keys, "rows": out}, indent=1)
+    doc: dict[str, Any] = {"swept_keys": keys}
+    if best is not None:
+        doc["best_by"] = best.to_dict()
+    return json.dumps({**doc, "rows": out}, indent=1)
 
 
-def to_csv(rows: list[Row], keys: list[str]) -> str:
+def to_csv(rows: list[Row], keys: list[str], best: Best | None = None) -> str:
+    """The report as CSV; with `best`, of its chosen rows, each with its
+    criterion value, candidates and points after the keys."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     cols = []
@@ -473,9 +664,16 @@ def to_csv(rows: list[Row], keys: list[str]) -> str:
         for metric in METRICS:
             for kind in ("final", "best"):
                 cols += [f"{which}_{metric}_{kind}_{x}" for x in ("mean", "std", "step")]
-    w.writerow(["source", "label", *keys, "n_runs", "expected_runs", "finished_runs",
+    chosen = ["best_by", "best_by_mean", "best_by_std", "candidates", "points",
+              "unfinished_runs"] if best is not None else []
+    w.writerow(["source", "label", *keys, *chosen, "n_runs", "expected_runs", "finished_runs",
                 "last_step", "steps", "synthetic", "iwl_mode", "icl_ceiling", *cols, "notes"])
-    for r in rows:
+    for i, r in enumerate(rows):
+        choice = []
+        if best is not None:
+            c = best.choices[i]
+            choice = [best.criterion.name, c.value.mean, "" if c.value.std is None else c.value.std,
+                      c.candidates, c.points, c.unfinished]
         vals = []
         for which in ("ICL", "IWL"):
             for metric in METRICS:
@@ -486,7 +684,7 @@ def to_csv(rows: list[Row], keys: list[str]) -> str:
         last = [x.last_step for x in r.runs if x.last_step is not None]
         w.writerow([r.source, r.label,
                     *[sweep.format_value(r.values[k]) if k in r.values else "" for k in keys],
-                    len(r.runs), r.expected_runs, r.finished_runs,
+                    *choice, len(r.runs), r.expected_runs, r.finished_runs,
                     _steps_text(last), r.runs[0].config.run.steps if r.runs else "",
                     str(r.synthetic).lower(), r.iwl_mode or "",
                     "" if r.ceiling is None else round(r.ceiling, 6), *vals, "; ".join(r.notes)])

@@ -39,14 +39,19 @@ def iwl_curve(p_bursty: float, seed: int) -> list[float]:
 
 
 def make_run(path: Path, cfg: C.Config, icl: list[float], iwl: list[float],
-             steps: list[int] = STEPS, checkpoint: int | None = None) -> Path:
+             steps: list[int] = STEPS, checkpoint: int | None = None,
+             loss: list[float] | None = None) -> Path:
+    """A run folder with a train record (training loss `loss[i]`, by default
+    falling; none where `loss` is empty) and an eval record per mode at each step."""
     path.mkdir(parents=True)
     (path / "checkpoints").mkdir()
     runs.write_config(path, cfg)
     iwl_mode = eval_modes.iwl_mode(cfg.eval.modes)
+    loss = [2.0 - i * 0.3 for i in range(len(steps))] if loss is None else loss
     for i, step in enumerate(steps):
-        runs.append_metrics(path, {"kind": "train", "step": step, "time": step / 100.0,
-                                   "steps_per_s": 100.0, "loss": 2.0 - i * 0.3})
+        if loss:
+            runs.append_metrics(path, {"kind": "train", "step": step, "time": step / 100.0,
+                                       "steps_per_s": 100.0, "loss": loss[i]})
         for mode in cfg.eval.modes:
             acc = icl[i] if mode == "fewshot_holdout" else iwl[i] if mode == iwl_mode else 0.3
             runs.append_metrics(path, {"kind": "eval", "step": step, "time": step / 100.0,
@@ -66,9 +71,10 @@ def base_cfg(**sections: dict) -> C.Config:
 
 
 def write_sweep(folder: Path, tables: str, seeds: str = "[0, 1]",
-                edit=lambda i, cfg: cfg) -> Path:
+                edit=lambda i, cfg: cfg, metrics=None) -> Path:
     """A sweep folder over the paper config whose runs hold hand-written
-    metrics; `edit(i, config)` may change the config point i is trained with."""
+    metrics; `edit(i, config)` may change the config point i is trained
+    with, `metrics(run)` (a sweep.SweepRun) gives make_run's curves."""
     sweep_file = folder / "sweep.toml"
     sweep_file.write_text(textwrap.dedent(f"""
         base = "{(ROOT / 'configs' / 'images_all_exemplars.toml').as_posix()}"
@@ -84,7 +90,9 @@ def write_sweep(folder: Path, tables: str, seeds: str = "[0, 1]",
     sweep.write_manifest(out, spec, points)
     for i, p in enumerate(points):
         pb = p.config.sequences.p_bursty
-        make_run(out / p.name, edit(i, p.config), icl_curve(pb, p.seed), iwl_curve(pb, p.seed))
+        curves = (metrics(p) if metrics else
+                  {"icl": icl_curve(pb, p.seed), "iwl": iwl_curve(pb, p.seed)})
+        make_run(out / p.name, edit(i, p.config), **curves)
     return out
 
 
@@ -426,3 +434,209 @@ def test_a_config_from_before_checksums_is_read_unless_a_section_is_missing(
     (run / "config.toml").write_text(body[:body.index("[rnn]")])
     with pytest.raises(EiclError, match=r"config.toml is damaged: it has no \[rnn\] section"):
         report.collect([run])
+
+
+# ---------------------------------------------------------------- --best-by / --per
+
+# Final train loss (per seed), ICL and IWL of each point of a tuning sweep:
+# (model.kind, optimizer.max_lr, optimizer.warmup_steps) -> values. Each
+# criterion picks another point, so a test sees which one decided.
+TUNING = {
+    ("transformer", 1e-4, 0): {"loss": (1.0, 1.0), "icl": 0.5, "iwl": 0.7},
+    ("transformer", 1e-4, 500): {"loss": (0.9, 0.9), "icl": 0.8, "iwl": 0.3},
+    # The lowest loss of any one transformer run (seed 0), but the highest mean.
+    ("transformer", 1e-3, 0): {"loss": (0.3, 1.9), "icl": 0.4, "iwl": 0.2},
+    ("transformer", 1e-3, 500): {"loss": (0.5, 0.5), "icl": 0.6, "iwl": 0.4},
+    ("lstm", 1e-4, 0): {"loss": (0.6, 0.6), "icl": 0.1, "iwl": 0.5},
+    # No train records: the lowest loss if a missing value counted as any number.
+    ("lstm", 1e-4, 500): {"loss": (), "icl": 0.05, "iwl": 0.6},
+    ("lstm", 1e-3, 0): {"loss": (0.8, 0.8), "icl": 0.2, "iwl": 0.1},
+    # Seed 1 stops at step 3000 (unfinished): still a candidate.
+    ("lstm", 1e-3, 500): {"loss": (0.9, 0.9), "icl": 0.15, "iwl": 0.2},
+}
+UNFINISHED = ("lstm", 1e-3, 500, 1)
+
+
+def tuning_metrics(run: sweep.SweepRun) -> dict:
+    v = run.values
+    point = (v["model.kind"], v["optimizer.max_lr"], v["optimizer.warmup_steps"])
+    t = TUNING[point]
+    rising = (0.2, 0.4, 0.6, 0.8, 1.0)
+    steps = STEPS[:3] if (*point, run.seed) == UNFINISHED else STEPS
+    loss = [t["loss"][run.seed] + 0.2 * (4 - i) for i in range(5)] if t["loss"] else []
+    return {"icl": [t["icl"] * f for f in rising], "iwl": [t["iwl"] * f for f in rising],
+            "loss": loss[:len(steps)], "steps": steps}
+
+
+@pytest.fixture
+def tuning_sweep(tmp_path: Path) -> Path:
+    """model.kind x max_lr x warmup_steps, 2 seeds, metrics from TUNING."""
+    return write_sweep(tmp_path, """
+        [grid]
+        "model.kind" = ["transformer", "lstm"]
+        "optimizer.max_lr" = [1e-4, 1e-3]
+        "optimizer.warmup_steps" = [0, 500]
+        """, metrics=tuning_metrics)
+
+
+def chosen(best: report.Best) -> list[tuple]:
+    return [(c.group, c.row.values["optimizer.max_lr"], c.row.values["optimizer.warmup_steps"])
+            for c in best.choices]
+
+
+@pytest.mark.parametrize("name, expected", [
+    # Lower is better, the mean over seeds: not (1e-3, 0), whose seed 0 is lowest.
+    ("train_loss", [("transformer", 1e-3, 500), ("lstm", 1e-4, 0)]),
+    ("icl", [("transformer", 1e-4, 500), ("lstm", 1e-3, 0)]),
+    ("icl_closed", [("transformer", 1e-4, 500), ("lstm", 1e-3, 0)]),
+    ("icl_loss", [("transformer", 1e-4, 500), ("lstm", 1e-3, 0)]),
+    ("iwl", [("transformer", 1e-4, 0), ("lstm", 1e-4, 500)]),
+    ("iwl_loss", [("transformer", 1e-4, 0), ("lstm", 1e-4, 500)]),
+])
+def test_best_by_keeps_the_best_point_per_group(tuning_sweep: Path, name: str,
+                                                expected: list[tuple]) -> None:
+    rows, keys = report.collect([tuning_sweep])
+    best = report.choose_best(rows, keys, name, per="model.kind")
+    assert chosen(best) == expected
+    assert best.keys[0] == "model.kind" and sorted(best.keys) == sorted(keys)
+    assert [c.points for c in best.choices] == [4, 4]
+
+
+def test_best_by_train_loss_values_candidates_and_unfinished(tuning_sweep: Path) -> None:
+    rows, keys = report.collect([tuning_sweep])
+    best = report.choose_best(rows, keys, "train_loss", per="model.kind")
+    transformer, lstm = best.choices
+    assert transformer.value.mean == pytest.approx(0.5) and transformer.value.steps == [5000] * 2
+    assert lstm.value.mean == pytest.approx(0.6)
+    # The lstm point without train records is no candidate; the unfinished run is one.
+    assert (transformer.candidates, transformer.unfinished) == (4, 0)
+    assert (lstm.candidates, lstm.unfinished) == (3, 1)
+    note = best.note()
+    assert note.startswith("One row per model.kind: the point with the lowest train_loss")
+    assert "transformer among 4 points; lstm among 3 of 4 points" in note
+    assert "1 of the candidates' runs unfinished" in note
+    # Without --per: one group, the best point overall.
+    overall = report.choose_best(rows, keys, "train_loss")
+    assert chosen(overall) == [(None, 1e-3, 500)] and overall.keys == keys
+    assert overall.choices[0].candidates == 7 and overall.choices[0].points == 8
+    assert "chosen among 7 of 8 points" in overall.note()
+    assert chosen(report.choose_best(rows, keys, "icl")) == [(None, 1e-4, 500)]
+
+
+def test_train_loss_is_the_mean_over_the_last_tenth_of_logged_steps(tmp_path: Path) -> None:
+    """One record's loss is one log interval's: a run whose last record
+    dips below another's steady loss is not the better for it."""
+    steps = list(range(100, 5001, 100))
+    dips = make_run(tmp_path / "dips", base_cfg(optimizer={"max_lr": 1e-3}), [0.5] * 50,
+                    [0.5] * 50, steps=steps, loss=[1.0] * 49 + [0.1])
+    steady = make_run(tmp_path / "steady", base_cfg(optimizer={"max_lr": 1e-4}), [0.5] * 50,
+                      [0.5] * 50, steps=steps, loss=[2.0] * 44 + [0.5] * 6)
+    rows, keys = report.collect([dips, steady])
+    # Steps 4500..5000: six records, five at 1.0 and the last at 0.1.
+    assert rows[0].stat("train", "loss", "tail").mean == pytest.approx((5 * 1.0 + 0.1) / 6)
+    assert rows[1].stat("train", "loss", "tail").mean == pytest.approx(0.5)
+    assert [c.row.label for c in report.choose_best(rows, keys, "train_loss").choices] == [
+        "steady"]
+    # A group none of whose points has logged a training loss keeps no row, and says so.
+    fresh = make_run(tmp_path / "fresh", base_cfg(optimizer={"max_lr": 3e-3}), [0.5] * 50,
+                     [0.5] * 50, steps=steps, loss=[])
+    rows, keys = report.collect([dips, steady, fresh])
+    best = report.choose_best(rows, keys, "train_loss", per="optimizer.max_lr")
+    assert [(c.group, c.row.label) for c in best.choices] == [(1e-3, "dips"), (1e-4, "steady")]
+    assert best.without_value == [3e-3]
+    assert best.note().endswith("; no point has a value in optimizer.max_lr = 0.003.")
+
+
+def test_best_by_json_csv_and_table(tuning_sweep: Path) -> None:
+    runner = CliRunner()
+    args = ["report", str(tuning_sweep), "--best-by", "train_loss", "--per", "model.kind"]
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["best_by"] == {"metric": "train_loss", "lower_is_better": True,
+                               "rule": report.BEST_BY["train_loss"].text, "per": "model.kind",
+                               "groups_without_value": []}
+    assert data["swept_keys"][0] == "model.kind"
+    assert [(r["values"]["model.kind"], r["values"]["optimizer.max_lr"],
+             r["values"]["optimizer.warmup_steps"]) for r in data["rows"]] == [
+        ("transformer", 1e-3, 500), ("lstm", 1e-4, 0)]
+    choice = data["rows"][1]["choice"]
+    assert choice["group"] == "lstm" and choice["value"]["mean"] == pytest.approx(0.6)
+    assert (choice["candidates"], choice["points"], choice["unfinished_runs"]) == (3, 4, 1)
+    res = runner.invoke(app, [*args, "--csv"])
+    assert res.exit_code == 0, res.output
+    table = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert [(r["model.kind"], r["best_by"], float(r["best_by_mean"]), r["candidates"])
+            for r in table] == [("transformer", "train_loss", pytest.approx(0.5), "4"),
+                                ("lstm", "train_loss", pytest.approx(0.6), "3")]
+    res = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "best by train_loss per model.kind" in res.output
+    assert "lstm among 3 of 4 points" in " ".join(res.output.split())
+    rows, keys = report.collect([tuning_sweep])
+    best = report.choose_best(rows, keys, "train_loss", per="model.kind")
+    headers, cells, notes = report.table(best.rows, best.keys, best=best)
+    assert headers[:4] == ["kind", "max_lr", "warmup_steps", "train_loss"]
+    assert [c[:4] for c in cells] == [["transformer", "0.001", "500", "0.500 ±0.000"],
+                                      ["lstm", "0.0001", "0", "0.600 ±0.000"]]
+    assert notes[0] == best.note()
+
+
+def test_best_by_plot_draws_only_the_chosen_points(tuning_sweep: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from eicl_cli import plots
+    png = tmp_path / "tuned.png"
+    args = ["report", str(tuning_sweep), "--best-by", "icl", "--per", "model.kind",
+            "--plot", str(png)]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[0] >= 400 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda rows, keys, path, **kw: drawn.append(
+        ([plots._label(r, keys) for r in rows], kw["title"])))
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert drawn == [(["kind=transformer, max_lr=0.0001, warmup_steps=500",
+                       "kind=lstm, max_lr=0.001, warmup_steps=0"],
+                      "fixture: best by icl per model.kind")]
+
+
+def test_per_a_key_every_point_shares_is_one_group(tuning_sweep: Path) -> None:
+    res = CliRunner().invoke(app, ["report", str(tuning_sweep), "--best-by", "train_loss",
+                                   "--per", "data.exemplars", "--json"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.strip() == ("warning: --per data.exemplars: every point has "
+                                  "data.exemplars = all; one group")
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["choice"]["group"], r["values"]["model.kind"], r["choice"]["candidates"])
+            for r in rows] == [("all", "transformer", 7)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--best-by", "loss"], "error: --best-by 'loss' is not allowed; choose one of: "
+     "train_loss, icl, icl_closed, iwl, icl_loss, iwl_loss"),
+    (["--best-by", "icl", "--per", "model.kin"],
+     "error: --per: 'model.kin' is not a config key; did you mean 'model.kind'?"),
+    (["--best-by", "icl", "--per", "run.seed"], "error: --per run.seed: one row pools runs "
+     "that differ in run.seed"),
+    (["--per", "model.kind"], "error: --per model.kind needs --best-by METRIC"),
+    (["--best-by", "icl", "--tensorboard", "{tmp}/tb"], "error: --best-by chooses rows"),
+])
+def test_best_by_bad_input_is_one_line_exit_2(tuning_sweep: Path, tmp_path: Path,
+                                              extra: list[str], message: str) -> None:
+    res = CliRunner().invoke(app, ["report", str(tuning_sweep),
+                                   *[a.format(tmp=tmp_path) for a in extra]])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(message), res.output
+    assert not (tmp_path / "tb").exists()
+
+
+def test_best_by_with_no_value_anywhere_is_an_error(tmp_path: Path) -> None:
+    run = tmp_path / "fresh"
+    run.mkdir()
+    runs.write_config(run, base_cfg())
+    res = CliRunner().invoke(app, ["report", str(run), "--best-by", "train_loss"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and lines == [
+        "error: --best-by train_loss: no point has a value yet (each run's training loss "
+        "averaged over its last 10% of logged steps)"], res.output
