@@ -94,3 +94,37 @@ def test_recurrent_sweep_is_the_quickstart_with_a_recurrent_model_of_its_depth()
         assert (cfg.rnn.num_layers, cfg.rnn.hidden_size) == (base.transformer.num_layers,
                                                              base.embedding.emb_dim)
         assert cfg.replace(model=base.model, rnn=base.rnn, run=base.run) == base
+
+
+def _the_1623_class_point():
+    by = {r.values["label"]: r.config for r in sweep.expand(sweep.load_sweep(SWEEP))}
+    return by["1623_classes"]
+
+
+def test_transience_sweep_is_the_1623_class_point_under_three_weight_decays() -> None:
+    runs = sweep.expand(sweep.load_sweep(ROOT / "configs" / "sweeps" /
+                                         "quickstart_transience.toml"))
+    assert {r.seed for r in runs} == {0, 1, 2}
+    assert sorted({r.config.optimizer.weight_decay for r in runs}) == [0.0, 0.1, 1.0]
+    partner = _the_1623_class_point()
+    for r in runs:
+        cfg = r.config
+        assert cfg.optimizer.name == "adamw" and cfg.run.checkpoints_per_decade == 8
+        # only the optimizer's name and decay, and the run's length and dynamics, differ
+        assert cfg.replace(optimizer=partner.optimizer, run=partner.run) == partner
+
+
+def test_multiplicity_sweep_is_the_1623_class_point_with_1_3_10_labels() -> None:
+    runs = sweep.expand(sweep.load_sweep(ROOT / "configs" / "sweeps" /
+                                         "quickstart_multiplicity.toml"))
+    assert {r.seed for r in runs} == {0, 1, 2}
+    partner = _the_1623_class_point()
+    outputs = {}
+    for r in runs:
+        cfg = r.config
+        outputs[cfg.sequences.labeling_rare] = cfg.num_classes
+        same = dataclasses.replace(cfg.sequences, labeling_rare="ordered")
+        assert cfg.replace(sequences=same, run=partner.run) == partner
+    # X labels for each of the 1,603 rare classes, one for each of the 10 common ones
+    assert outputs == {"ordered": 1623, "ordered_polysemy3": 3 * 1603 + 10,
+                       "ordered_polysemy10": 10 * 1603 + 10}

@@ -168,8 +168,16 @@ def test_paper_sweep_dry_run_lists_points(path: Path, tmp_path: Path) -> None:
 def test_paper_sweep_values() -> None:
     by_name = {p.stem: sweep.expand(sweep.load_sweep(p)) for p in PAPER_SWEEPS}
     assert {p.config.sequences.p_bursty for p in by_name["burstiness"]} == {0.0, 0.5, 0.9, 1.0}
-    assert {p.config.model.kind for p in by_name["recurrent"]} == {"transformer", "lstm",
-                                                                   "vanilla_rnn"}
+    recurrent = by_name.pop("recurrent")  # tuned: one seed per point of a 5 x 3 grid each
+    assert {p.config.model.kind for p in recurrent} == {"transformer", "lstm", "vanilla_rnn"}
+    for kind in ("transformer", "lstm", "vanilla_rnn"):
+        tried = {(p.config.optimizer.max_lr, p.config.optimizer.warmup_steps)
+                 for p in recurrent if p.config.model.kind == kind}
+        assert len(tried) == 15 and (3e-4, 4000) in tried  # the original's setting among them
+    assert {p.seed for p in recurrent} == {0}
+    assert {p.config.run.steps for p in recurrent} == {500_000}
+    assert {p.config.sequences.labeling_rare for p in by_name["label_multiplicity"]} == {
+        "ordered", "ordered_polysemy3", "ordered_polysemy10"}
     classes = {p.config.classes.n_rare + p.config.classes.n_common for p in by_name["num_classes"]}
     assert max(classes) == 12800 and min(classes) == 200
     assert all(p.config.data.augment_images for p in by_name["num_classes"])
