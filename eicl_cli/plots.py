@@ -173,19 +173,22 @@ def plot_probe(results: list, heads: list[tuple[int, int]], path: Path, title: s
             bound = max(0.05, float(np.abs(values).max()))
             limits = {"vmin": -bound, "vmax": bound}
         elif m["scores"][key] is None:
+            bound = 0.0
             ax.set_axis_off()
             ax.set_title(heading + " (none)", fontsize=9)
             continue
         else:
             values = np.array(m["scores"][key])
-            limits = {"vmin": 0.0, "vmax": max(0.05, float(values.max()))}
+            bound = max(0.05, float(values.max()))
+            limits = {"vmin": 0.0, "vmax": bound}
         image = ax.imshow(values, cmap=cmap, aspect="auto", **limits)
         layers, n_heads = values.shape
         for i in range(layers):
             for j in range(n_heads):
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if key != "ablated" and values[i, j] < 0.6 * limits["vmax"]
-                        else "black")
+                v = values[i, j]
+                dark = abs(v) > 0.6 * bound if key == "ablated" else v < 0.6 * limits["vmax"]
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(layers))
         ax.set_xlabel("head")

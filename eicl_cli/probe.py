@@ -305,11 +305,23 @@ def ranked_heads(result: ProbeResult) -> list[dict[str, Any]]:
 
 
 def top_heads(results: list[ProbeResult], k: int) -> list[tuple[int, int]]:
-    """The k heads with the highest label attention (on the ICL mode, else
-    the first mode with matches) at any of the checkpoints."""
-    best: dict[tuple[int, int], float] = {}
+    """Up to k heads to follow over training, alternating between the heads
+    whose ablation costs strict ICL most at any checkpoint (a previous-token
+    head, say) and those with the highest label attention at any checkpoint
+    (the copying heads); scores as ranked_heads takes them."""
+    cost: dict[tuple[int, int], float] = {}
+    attention: dict[tuple[int, int], float] = {}
     for result in results:
         for row in ranked_heads(result):
             key = (row["layer"], row["head"])
-            best[key] = max(best.get(key, 0.0), row["label_match"] or 0.0)
-    return sorted(best, key=lambda h: (-best[h], h))[:k]
+            drop = -row[row["scores_mode"]]["accuracy_query"]
+            cost[key] = max(cost.get(key, 0.0), drop)
+            attention[key] = max(attention.get(key, 0.0), row["label_match"] or 0.0)
+    by_cost = sorted(cost, key=lambda h: (-cost[h], h))
+    by_attention = sorted(attention, key=lambda h: (-attention[h], h))
+    chosen: list[tuple[int, int]] = []
+    for pair in zip(by_cost, by_attention):
+        for head in pair:
+            if head not in chosen and len(chosen) < k:
+                chosen.append(head)
+    return chosen
