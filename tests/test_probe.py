@@ -293,3 +293,19 @@ def test_a_recurrent_run_is_refused_in_one_line(data_dir: Path, tmp_path: Path):
 def test_bad_schedules_are_refused(override, message):
     with pytest.raises(config.ConfigError, match=message):
         config.validate(config.load(TINY, [override]))
+
+
+def test_dynamics_checkpoints_change_nothing_the_run_computes(data_dir: Path, tmp_path: Path):
+    # Several steps per device call: the kept steps split calls, which must not
+    # change a bit of the training (same program, exact).
+    digests = []
+    for name, extra in (("plain", []), ("dynamics", ["run.checkpoints_per_decade=3",
+                                                     "run.checkpoint_schedule=[7]"])):
+        cfg = tiny(data_dir, "run.steps=20", "train.steps_per_call=4", *extra)
+        train_run(cfg, tmp_path / name)
+        digests.append(checkpoint.read_metadata(
+            runs.checkpoint_path(tmp_path / name, 20))["sha256"])
+        losses = [r["loss"] for r in runs.read_metrics(tmp_path / name, "train")]
+        digests.append(losses)
+    assert digests[0] == digests[2] and digests[1] == digests[3]
+    assert [s for s, _ in runs.list_dynamics(tmp_path / "dynamics")] == [1, 2, 5, 7, 10]
