@@ -214,7 +214,7 @@ def probe(
     ablation: Annotated[str, typer.Option(
         "--ablation", metavar="KIND", help="Replace an ablated head's output by its mean over "
         "the mode's sequences (mean) or by zero (zero).")] = "mean",
-    top: Annotated[int, typer.Option("--top", metavar="K", help="Heads shown in the table and the plot.")] = 8,
+    top: Annotated[int, typer.Option("--top", metavar="K", help="Heads shown in the table; the --all plot follows at most 4 of them.")] = 8,
     json_: Annotated[bool, typer.Option("--json", help="Print every number as JSON instead of the tables.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", metavar="FILE.png", help="Heatmaps (layer x head); with --all also the top "
