@@ -233,7 +233,10 @@ def probe(
         from .plots import check_png_path
         check_png_path(plot)
     results = list(probing.probe_run(run, step=step, every=all_, modes=mode,
-                                     sequences=sequences, ablation=ablation))
+                                     sequences=sequences, ablation=ablation,
+                                     warn=display.warn))
+    if not results:
+        raise EiclError(f"no checkpoint of {run} could be read; see the warnings above")
     ranked = [probing.ranked_heads(r) for r in results]
     if plot is not None:
         from .plots import plot_probe

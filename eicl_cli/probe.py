@@ -27,7 +27,7 @@ unablated accuracies are the evaluation's.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import runs
+from .checkpoint import CheckpointError, CheckpointMismatch
 from .errors import EiclError
 from .eval_modes import polysemy_factor, role
 from .evaluate import Restored, checkpoint_loader, device_label_masks, mode_key
@@ -238,10 +239,13 @@ def _probe_mode(restored: Restored, data: DeviceData, generator: Any, mode: str,
 
 def probe_run(run_dir: Path, *, step: int | None = None, every: bool = False,
               modes: list[str] | None = None, sequences: int | None = None,
-              ablation: str = "mean", dataset_loader=None) -> Iterator[ProbeResult]:
+              ablation: str = "mean", dataset_loader=None,
+              warn: Callable[[str], None] | None = None) -> Iterator[ProbeResult]:
     """Probe the chosen checkpoints of a run, oldest first (see the module
     docstring). `modes` default to the run's eval.modes, `sequences` to its
-    eval.train_sequences (the sets its training evaluations used)."""
+    eval.train_sequences (the sets its training evaluations used). With
+    `every` and `warn`, a corrupt checkpoint is skipped with a warning; one
+    of another model or config is always refused."""
     if ablation not in ABLATIONS:
         raise EiclError(f"--ablation {ablation!r} is not allowed; choose one of: "
                         f"{', '.join(ABLATIONS)}")
@@ -257,7 +261,17 @@ def probe_run(run_dir: Path, *, step: int | None = None, every: bool = False,
     load = checkpoint_loader(run_dir, dataset_loader)
     for _, path in chosen:
         started = time.perf_counter()
-        restored, data, generator = load(path)
+        try:
+            restored, data, generator = load(path)
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            # Over training, one damaged file costs one point of the curves,
+            # not the rest of them; a checkpoint asked for by step is the answer.
+            if not every or warn is None:
+                raise
+            warn(f"skipped {path.name}: {e}")
+            continue
         use = list(modes or restored.cfg.eval.modes)
         n = sequences or restored.cfg.eval.train_sequences
         results = {m: _probe_mode(restored, data, generator, m, n, ablation) for m in use}

@@ -309,3 +309,21 @@ def test_dynamics_checkpoints_change_nothing_the_run_computes(data_dir: Path, tm
         digests.append(losses)
     assert digests[0] == digests[2] and digests[1] == digests[3]
     assert [s for s, _ in runs.list_dynamics(tmp_path / "dynamics")] == [1, 2, 5, 7, 10]
+
+
+def test_probe_all_skips_a_corrupt_checkpoint_with_a_warning(trained: Path, data_dir: Path,
+                                                             tmp_path: Path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("EICL_DATA_DIR", str(data_dir))
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    damaged = runs.dynamics_path(run, 3)
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit in the last tensor
+    damaged.write_bytes(bytes(data))
+    res = runner.invoke(app, ["probe", str(run), "--all", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [c["step"] for c in json.loads(res.stdout)["checkpoints"]] == [1, 10, 15, 30]
+    assert "warning: skipped step_00000003.safetensors" in res.stderr
+    one = runner.invoke(app, ["probe", str(run), "--step", "3"])
+    assert one.exit_code == 2 and "is corrupt" in one.output
