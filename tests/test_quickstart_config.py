@@ -85,15 +85,20 @@ def test_within_class_sweep_differs_from_its_partners_only_in_exemplars() -> Non
     assert mine["identical"].num_classes == 12880 and mine["identical_1623_classes"].num_classes == 1623
 
 
-def test_recurrent_sweep_is_the_quickstart_with_a_recurrent_model_of_its_depth() -> None:
+def test_recurrent_sweep_tunes_each_recurrent_model_of_the_quickstarts_depth() -> None:
     base = config_mod.load(QUICKSTART)
-    mine = _points(RECURRENT)
-    assert sorted(mine) == ["lstm", "vanilla_rnn"]
-    for kind, cfg in mine.items():
-        assert cfg.model.kind == kind
+    runs = sweep.expand(sweep.load_sweep(RECURRENT))
+    tried = {(r.config.model.kind, r.config.optimizer.max_lr, r.config.optimizer.warmup_steps)
+             for r in runs}
+    assert tried == {(k, lr, w) for k in ("lstm", "vanilla_rnn") for lr in (3e-4, 1e-3, 3e-3)
+                     for w in (1000, 4000)}
+    assert (base.optimizer.max_lr, base.optimizer.warmup_steps) == (1e-3, 1000)  # among them
+    for r in runs:
+        cfg = r.config
         assert (cfg.rnn.num_layers, cfg.rnn.hidden_size) == (base.transformer.num_layers,
                                                              base.embedding.emb_dim)
-        assert cfg.replace(model=base.model, rnn=base.rnn, run=base.run) == base
+        assert cfg.replace(model=base.model, rnn=base.rnn, run=base.run,
+                           optimizer=base.optimizer) == base
 
 
 def _the_1623_class_point():
