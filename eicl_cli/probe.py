@@ -209,10 +209,12 @@ def _probe_mode(restored: Restored, data: DeviceData, generator: Any, mode: str,
     accuracy = {k: float(base[k]) / count for k in ACCURACIES}
     matches = float(base["matches"])
     scores: dict[str, Any] = {}
+    def mean(total: np.ndarray, over: float) -> list:
+        return np.round(np.asarray(total, np.float64) / over, 6).tolist()
+
     for k in ("label_match", "label_other", "image_match"):
-        scores[k] = np.round(np.asarray(base[k], np.float64) / matches, 6).tolist() if matches else None
-    scores["previous_token"] = None if concatenated else \
-        np.round(np.asarray(base["previous_token"], np.float64) / count, 6).tolist()
+        scores[k] = mean(base[k], matches) if matches else None
+    scores["previous_token"] = None if concatenated else mean(base["previous_token"], count)
     fill = jnp.asarray(base["heads"] / count) if ablation == "mean" else zeros
 
     def ablated(scale: np.ndarray) -> dict[str, float]:
