@@ -819,7 +819,7 @@ def dynamics_steps(r: RunConfig) -> list[int]:
     (10 ** (k / N) rounded, k = 0, 1, ...), merged and sorted."""
     steps = {s for s in r.checkpoint_schedule if s <= r.steps}
     n = r.checkpoints_per_decade
-    if n and r.steps >= 1:
+    if n:
         k = 0
         while (step := round(10 ** (k / n))) <= r.steps:
             steps.add(step)

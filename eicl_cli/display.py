@@ -603,6 +603,19 @@ def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}"
 
 
+def _probe_accuracies(modes: dict) -> list[tuple[str, str, str]]:
+    """(mode, metric, column heading) of each accuracy the probe tables show:
+    strict for every mode, closed too except for IWL (no_support_*), whose
+    closed answer is not a measure of its own."""
+    shown = []
+    for mode, m in modes.items():
+        short = m["role"] or mode
+        shown.append((mode, "accuracy_query", f"{short} strict"))
+        if m["role"] != "IWL":
+            shown.append((mode, "accuracy_closed", f"{short} closed"))
+    return shown
+
+
 def probe_heads_table(result, rows: list[dict], top: int):
     """The heads that matter most at one checkpoint: their attention scores
     and what ablating each does to every mode's accuracies."""
@@ -618,19 +631,14 @@ def probe_heads_table(result, rows: list[dict], top: int):
         table.add_column(name, justify="right")
     for header in ("label→match", "label→other", "image→match", "prev-token"):
         table.add_column(header, justify="right")
-    for mode, m in modes.items():
-        short = m["role"] or mode
-        table.add_column(f"Δ {short} strict", justify="right")
-        if m["role"] != "IWL":
-            table.add_column(f"Δ {short} closed", justify="right")
+    shown = _probe_accuracies(modes)
+    for _, _, heading in shown:
+        table.add_column(f"Δ {heading}", justify="right")
     for row in rows[:top]:
         cells = [str(row["layer"]), str(row["head"])]
         cells += [_fmt(row[k]) for k in ("label_match", "label_other", "image_match",
                                           "previous_token")]
-        for mode, m in modes.items():
-            cells.append(_signed(row[mode]["accuracy_query"]))
-            if m["role"] != "IWL":
-                cells.append(_signed(row[mode]["accuracy_closed"]))
+        cells += [_signed(row[mode][k]) for mode, k, _ in shown]
         table.add_row(*cells)
     base = "; ".join(
         f"{(m['role'] or mode)} {mode}: strict {_fmt(m['accuracy']['accuracy_query'])}, "
@@ -652,18 +660,14 @@ def probe_layers_table(result):
                   collapse_padding=True)
     table.add_column("layer", justify="right")
     modes = result.modes
-    for mode, m in modes.items():
-        short = m["role"] or mode
-        table.add_column(f"Δ {short} strict", justify="right")
-        if m["role"] != "IWL":
-            table.add_column(f"Δ {short} closed", justify="right")
+    shown = _probe_accuracies(modes)
+    for _, _, heading in shown:
+        table.add_column(f"Δ {heading}", justify="right")
     layers = len(next(iter(modes.values()))["layer_ablated"])
     for layer in range(layers):
-        cells = [str(layer)]
-        for mode, m in modes.items():
-            for k in ("accuracy_query",) + (("accuracy_closed",) if m["role"] != "IWL" else ()):
-                cells.append(_signed(m["layer_ablated"][layer][k] - m["accuracy"][k]))
-        table.add_row(*cells)
+        table.add_row(str(layer), *(
+            _signed(modes[mode]["layer_ablated"][layer][k] - modes[mode]["accuracy"][k])
+            for mode, k, _ in shown))
     return table
 
 
@@ -675,20 +679,14 @@ def probe_steps_table(results: list, ranked: list[list[dict]]):
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
     table.add_column("step", justify="right")
-    modes = results[0].modes
-    for mode, m in modes.items():
-        short = m["role"] or mode
-        table.add_column(f"{short} strict", justify="right")
-        if m["role"] != "IWL":
-            table.add_column(f"{short} closed", justify="right")
+    shown = _probe_accuracies(results[0].modes)
+    for _, _, heading in shown:
+        table.add_column(heading, justify="right")
     for header in ("top head", "label→match", "Δ strict", "seconds"):
         table.add_column(header, justify="right")
     for result, rows in zip(results, ranked):
         cells = [str(result.step)]
-        for mode, m in result.modes.items():
-            cells.append(_fmt(m["accuracy"]["accuracy_query"]))
-            if m["role"] != "IWL":
-                cells.append(_fmt(m["accuracy"]["accuracy_closed"]))
+        cells += [_fmt(result.modes[mode]["accuracy"][k]) for mode, k, _ in shown]
         top = rows[0]
         cells += [f"L{top['layer']} H{top['head']}", _fmt(top["label_match"]),
                   _signed(top[top["scores_mode"]]["accuracy_query"]), f"{result.seconds:.1f}"]

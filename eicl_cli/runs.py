@@ -277,8 +277,12 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
+def _step_file(step: int) -> str:
+    return f"step_{step:08d}.safetensors"
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step_{step:08d}.safetensors"
+    return checkpoint_dir(run_dir) / _step_file(step)
 
 
 def dynamics_dir(run_dir: Path) -> Path:
@@ -286,7 +290,7 @@ def dynamics_dir(run_dir: Path) -> Path:
 
 
 def dynamics_path(run_dir: Path, step: int) -> Path:
-    return dynamics_dir(run_dir) / f"step_{step:08d}.safetensors"
+    return dynamics_dir(run_dir) / _step_file(step)
 
 
 def list_dynamics(run_dir: Path) -> list[tuple[int, Path]]:

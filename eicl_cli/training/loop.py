@@ -18,7 +18,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,18 +81,18 @@ class Interrupt:
 # ---------------------------------------------------------------- the loop
 
 def run_steps(trainer: Trainer, start: int, total: int, *, intervals: tuple[int, ...] = (),
-              points: list[int] | None = None,
+              points: Sequence[int] = (),
               on_log: Callable[[int, float], None] | None = None,
               on_step: Callable[[int], None] | None = None,
               stop: Callable[[], bool] = lambda: False) -> int:
     """Advance the trainer from step `start` to `total` and return the step
     reached. `intervals` = (log, eval, checkpoint every): no device call
-    crosses one of their multiples, nor one of the `points`. At a log step (and the last, or a stop)
-    `on_log(done, steps_per_s)` reads the sums; after every call
-    `on_step(done)` may checkpoint and evaluate. `stop()` true ends the loop
+    crosses one of their multiples, nor one of the `points`. At a log step
+    (and the last, or a stop) `on_log(done, steps_per_s)` reads the sums;
+    after every call `on_step(done)` may checkpoint and evaluate. `stop()` true ends the loop
     after the current call (the caller saves)."""
     log_every = intervals[0] if intervals else 0
-    sizes = call_plan(start, total, trainer.per_call, intervals, points or ())
+    sizes = call_plan(start, total, trainer.per_call, intervals, points)
     step, n = start, next(sizes, 0)
     batch = trainer.batch(step, n) if n else None
     last_log_step, last_log_time = start, time.perf_counter()
@@ -281,14 +281,15 @@ def _loop(trainer: Trainer, cfgs: list[Config], run_dirs: list[Path], names: lis
     def keep_for_dynamics(step: int) -> None:
         # The weights evaluation uses (the moving average, if kept), without the
         # optimizer state: a third of a resume checkpoint's size under Adam.
+        if not writer:
+            return
         for i, run_dir in enumerate(run_dirs):
             model, state, opt_state = trainer.run(i)
-            if writer:
-                runs.make_dir(runs.dynamics_dir(run_dir), "dynamics folder")
-                checkpoint.save(runs.dynamics_path(run_dir, step), step=step,
-                                model=evaluation_model(model, opt_state), state=state,
-                                opt_state=None, config_toml=tomls[i],
-                                extra={"kind": checkpoint.DYNAMICS, "elapsed": f"{now(i):.3f}"})
+            runs.make_dir(runs.dynamics_dir(run_dir), "dynamics folder")
+            checkpoint.save(runs.dynamics_path(run_dir, step), step=step,
+                            model=evaluation_model(model, opt_state), state=state,
+                            opt_state=None, config_toml=tomls[i],
+                            extra={"kind": checkpoint.DYNAMICS, "elapsed": f"{now(i):.3f}"})
 
     def evaluate(step: int) -> None:
         for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
