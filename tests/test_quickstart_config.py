@@ -90,7 +90,7 @@ def test_recurrent_sweep_tunes_each_recurrent_model_of_the_quickstarts_depth() -
     runs = sweep.expand(sweep.load_sweep(RECURRENT))
     tried = {(r.config.model.kind, r.config.optimizer.max_lr, r.config.optimizer.warmup_steps)
              for r in runs}
-    assert tried == {(k, lr, w) for k in ("lstm", "vanilla_rnn") for lr in (3e-4, 1e-3, 3e-3)
+    assert tried == {(k, lr, w) for k in ("lstm", "vanilla_rnn") for lr in (3e-4, 1e-3, 3e-3, 1e-2)
                      for w in (1000, 4000)}
     assert (base.optimizer.max_lr, base.optimizer.warmup_steps) == (1e-3, 1000)  # among them
     for r in runs:
