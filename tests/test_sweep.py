@@ -196,12 +196,10 @@ def test_paper_sweep_values() -> None:
         assert {p.config.run.steps for p in points} == {500_000}
 
 
-
 @pytest.mark.parametrize("path", [p for p in PAPER_SWEEPS if not p.name.startswith("quickstart")],
                          ids=lambda p: p.name)
 def test_paper_sweep_header_states_its_seeds(path: Path) -> None:
-    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    stated = [line for line in header if line.startswith("# Seeds: ")]
+    stated = [line for line in path.read_text().splitlines() if line.startswith("# Seeds: ")]
     assert len(stated) == 1, "say in the header how many seeds each point runs"
     seeds = sweep.load_sweep(path).seeds
     assert stated[0].startswith(f"# Seeds: {len(seeds)} ({', '.join(map(str, seeds))}) per point")
